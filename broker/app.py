@@ -1,0 +1,69 @@
+"""The one Celery app of lmteam: Redis broker and result store, msgpack only, reliable by default.
+
+Workers run `celery -A broker.app worker`; the app reads FleetSettings from the environment at
+import. A submitting CLI that starts an embedded fleet calls `configure()` once the URL is known.
+
+Reliability choices (see docs/ and the research notes):
+- acks_late + reject_on_worker_lost: a task whose worker process dies is redelivered, not lost.
+  Our tasks are idempotent (first payload written wins), which makes redelivery safe.
+- prefetch 1: a worker holds only the task it runs, so a long training task never hides
+  another task from an idle worker.
+- soft/hard time limits need the prefork pool, which is what `lmteam worker` starts.
+- visibility_timeout longer than any task, else Redis redelivers tasks that are still running.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from broker.settings import FleetSettings
+
+AGGREGATOR_QUEUE = "aggregator"
+EXPERT_QUEUE = "experts"
+
+
+def node_queue(node_id: int | str) -> str:
+    """A node's own queue: only the worker holding that node's private data consumes it."""
+    return f"node.{node_id}"
+
+
+def celery_config(settings: FleetSettings) -> dict[str, object]:
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    return dict(
+        broker_url=settings.broker_url,
+        result_backend=settings.backend_url,
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        accept_content=["msgpack"],
+        result_accept_content=["msgpack"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.hard_time_limit,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        result_expires=settings.blob_ttl,
+        broker_connection_retry_on_startup=True,
+        task_track_started=True,
+        # Flower shows tasks only when workers send events.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+
+
+def configure(app: Celery, settings: FleetSettings) -> Celery:
+    """Point the app at a broker (used after an embedded Redis has started)."""
+    app.conf.update(celery_config(settings))
+    app.conf.lmteam_settings = settings
+    return app
+
+
+def settings_of(app: Celery) -> FleetSettings:
+    return app.conf.lmteam_settings
+
+
+app = Celery("lmteam", include=["workers.tasks"])
+configure(app, FleetSettings.from_env())

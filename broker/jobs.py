@@ -1,0 +1,124 @@
+"""The job record: what a job is (its config), where it stands, and what happened on the way.
+
+Kept in Redis next to the payloads, as JSON strings (never pickle), so `lmteam status` on any
+machine of the fleet can read it and any run can be reproduced from its stored config.
+Keys:
+  lmteam:job:<id>          hash: kind, status, config, settings, created_at, updated_at, error, report
+  lmteam:job:<id>:events   list of JSON events (ts, type, round, node, ...), the job's timeline
+  lmteam:jobs              sorted set of job ids by creation time
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from enum import Enum
+
+import redis
+
+from broker.store import KEY_PREFIX
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class NodeStatus(str, Enum):
+    """Final state of one node in one round, as the aggregator records it."""
+
+    MERGED = "merged"
+    LATE = "late"  # missed the deadline: dropped from the merge
+    REJECTED = "rejected"  # payload failed decoding (signature, shape, size, truncation)
+    FAILED = "failed"  # raised on every retry, or hit its time limit
+
+
+class UnknownJob(KeyError):
+    def __str__(self) -> str:
+        return f"no job {self.args[0]!r} in this Redis (lmteam status lists the jobs)"
+
+
+def new_job_id(kind: str) -> str:
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+class JobRecord:
+    """Read and write one job's record."""
+
+    def __init__(self, client: redis.Redis, job_id: str, ttl: int = 7 * 86400) -> None:
+        self.r = client
+        self.id = job_id
+        self.ttl = ttl
+        self.key = f"{KEY_PREFIX}:job:{job_id}"
+        self.events_key = f"{self.key}:events"
+
+    @classmethod
+    def create(cls, client: redis.Redis, job_id: str, kind: str, config: dict, settings: dict,
+               ttl: int = 7 * 86400) -> JobRecord:
+        rec = cls(client, job_id, ttl)
+        now = time.time()
+        client.hset(rec.key, mapping={
+            "kind": kind, "status": JobStatus.QUEUED.value, "config": json.dumps(config),
+            "settings": json.dumps(settings), "created_at": now, "updated_at": now,
+        })
+        client.expire(rec.key, ttl)
+        client.zadd(f"{KEY_PREFIX}:jobs", {job_id: now})
+        rec.event("created", kind=kind)
+        return rec
+
+    def exists(self) -> bool:
+        return bool(self.r.exists(self.key))
+
+    def require(self) -> JobRecord:
+        if not self.exists():
+            raise UnknownJob(self.id)
+        return self
+
+    def config(self) -> dict:
+        raw = self.r.hget(self.key, "config")
+        if raw is None:
+            raise UnknownJob(self.id)
+        return json.loads(raw)
+
+    def set(self, **fields: object) -> None:
+        mapping = {k: (v.value if isinstance(v, Enum) else v if isinstance(v, (str, int, float)) else json.dumps(v))
+                   for k, v in fields.items()}
+        mapping["updated_at"] = time.time()
+        self.r.hset(self.key, mapping=mapping)
+
+    def set_status(self, status: JobStatus, error: str | None = None) -> None:
+        fields: dict[str, object] = {"status": status}
+        if error is not None:
+            fields["error"] = error
+        self.set(**fields)
+        self.event("status", status=status.value, **({"error": error} if error else {}))
+
+    def event(self, type_: str, **fields: object) -> None:
+        """Append to the job's timeline (the raw material of the team metrics)."""
+        self.r.rpush(self.events_key, json.dumps({"ts": time.time(), "type": type_, **fields}))
+        self.r.expire(self.events_key, self.ttl)
+
+    def events(self) -> list[dict]:
+        return [json.loads(x) for x in self.r.lrange(self.events_key, 0, -1)]
+
+    def get(self) -> dict:
+        raw = self.r.hgetall(self.key)
+        if not raw:
+            raise UnknownJob(self.id)
+        out: dict[str, object] = {}
+        for k, v in raw.items():
+            key, text = k.decode(), v.decode()
+            if key in ("config", "settings", "report", "progress"):
+                out[key] = json.loads(text)
+            elif key in ("created_at", "updated_at"):
+                out[key] = float(text)
+            else:
+                out[key] = text
+        return out
+
+
+def list_jobs(client: redis.Redis, limit: int = 20) -> list[str]:
+    return [x.decode() for x in client.zrevrange(f"{KEY_PREFIX}:jobs", 0, limit - 1)]

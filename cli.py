@@ -1,0 +1,213 @@
+"""lmteam: run a team of language models as a distributed system.
+
+Without --broker (and without LMTEAM_BROKER_URL) every job command starts a private Redis and
+local worker processes, runs, and cleans up. With --broker redis://... it submits to a fleet.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from broker.settings import FleetSettings, SettingsError
+
+EXIT_FAILED = 1
+
+
+def one_line_errors(fn):
+    """Known failures become one readable line and a non-zero exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import redis
+
+        from broker.embedded import EmbeddedError
+        from broker.jobs import UnknownJob
+        from pipeline.data import CorpusError
+        from pipeline.fpld import JobFailed
+        from pipeline.fpld_config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except (CorpusError, ConfigError, SettingsError) as e:
+            raise click.UsageError(str(e)) from None
+        except (EmbeddedError, JobFailed, UnknownJob) as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_FAILED)
+        except redis.exceptions.AuthenticationError:
+            click.echo("Error: Redis refused the password in the broker URL", err=True)
+            sys.exit(EXIT_FAILED)
+        except redis.exceptions.ConnectionError as e:
+            click.echo(f"Error: cannot reach Redis: {str(e).splitlines()[0]}", err=True)
+            sys.exit(EXIT_FAILED)
+        except KeyboardInterrupt:
+            click.echo("interrupted; local fleet stopped", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+broker_option = click.option("--broker", envvar="LMTEAM_BROKER_URL", default=None, metavar="URL",
+                             help="Redis URL of a fleet (env LMTEAM_BROKER_URL). Omit it to run on an "
+                                  "embedded private Redis with local workers.")
+secret_option = click.option("--secret", envvar="LMTEAM_SECRET", default=None, metavar="TEXT",
+                             help="Fleet secret that signs every payload (env LMTEAM_SECRET); "
+                                  "generated for an embedded run.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="lmteam")
+def main() -> None:
+    """Run a team of small language models as a distributed system.
+
+    \b
+    Quick start (no setup; starts a private Redis and local workers):
+      lmteam fpld                          # federated distillation on the built-in corpus
+      lmteam fpld --nodes 4 --bits 4 --corpus a.txt --corpus b.txt
+    \b
+    On a fleet (see README: docker compose up):
+      lmteam worker --role node --node-id 0 --data private.txt --broker redis://:pw@host:6379/0
+      lmteam fpld --broker redis://:pw@host:6379/0 --corpus public.txt
+    """
+
+
+@main.command()
+@click.option("--nodes", "-k", default=4, show_default=True, help="Federated nodes K (one private shard each).")
+@click.option("--rounds", "-t", default=3, show_default=True, help="Communication rounds T.")
+@click.option("--bits", "-b", default=8, show_default=True,
+              help="Bits per logit coordinate on the wire: 1..16, or 32 for raw float32.")
+@click.option("--clip", default=20.0, show_default=True, help="Logits are clipped to [-clip, clip] before quantizing.")
+@click.option("--dither/--no-dither", default=True, show_default=True, help="Subtractive dither in the quantizer.")
+@click.option("--compress/--no-compress", default=False, show_default=True, help="zstd on top of bit-packing.")
+@click.option("--quorum", type=int, default=None, help="Nodes that must merge per round [default: 3/4 of nodes].")
+@click.option("--round-timeout", default=600.0, show_default=True,
+              help="Seconds until a round's deadline; later payloads are dropped.")
+@click.option("--corpus", "-c", multiple=True, type=click.Path(path_type=Path),
+              help="Text file (or directory of .txt) per domain; repeat. Default: built-in stdlib corpus. "
+                   "Embedded runs give each node one domain; on a fleet it supplies the public probe/eval text.")
+@click.option("--local-steps", default=150, show_default=True, help="Local fine-tuning steps per node per round.")
+@click.option("--distill-steps", default=150, show_default=True, help="Distillation steps per round.")
+@click.option("--probe-seqs", default=64, show_default=True, help="Public probe sequences (logits at every position).")
+@click.option("--eval-seqs", default=64, show_default=True, help="Held-out sequences for perplexity.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--fault", multiple=True, metavar="NODE=SPEC",
+              help="Inject a fault, e.g. 2=slow:30 or 3=raise:1 (see pipeline/faults.py). For drills.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for report.json and the student checkpoint [default: runs/<job-id>].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@broker_option
+@secret_option
+@one_line_errors
+def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, corpus, local_steps, distill_steps,
+         probe_seqs, eval_seqs, seed, fault, out, quiet, broker, secret) -> None:
+    """Federated probe-logit distillation (arXiv 2605.09986).
+
+    K nodes fine-tune the broadcast student on their private text, send B-bit quantized logits
+    on a public probe set, and the aggregator distills the next student from their mean.
+    Prints a summary table and writes a JSON report.
+    """
+    from pipeline.fpld import run_fpld
+    from pipeline.fpld_config import ConfigError, FPLDConfig
+    from pipeline.progress import NullProgress, RichProgress
+    from pipeline.report import print_fpld_summary
+
+    faults = {}
+    for item in fault:
+        node, sep, spec = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--fault takes NODE=SPEC, got {item!r}")
+        faults[node.strip()] = spec.strip()
+    cfg = FPLDConfig(nodes=nodes, rounds=rounds, bits=bits, clip=clip, dither=dither, compress=compress,
+                     quorum=quorum, round_timeout=round_timeout, corpus=[str(p) for p in corpus],
+                     local_steps=local_steps, distill_steps=distill_steps, probe_seqs=probe_seqs,
+                     eval_seqs=eval_seqs, seed=seed, faults=faults).validate()
+    settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
+    from pipeline.data import load_corpus
+
+    load_corpus(cfg.corpus) if cfg.corpus else None  # fail on bad files before anything starts
+    progress = NullProgress() if quiet else RichProgress()
+    report = run_fpld(cfg, settings, out_dir=None, progress=progress)
+    out = out or Path("runs") / report["job"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print_fpld_summary(report)
+    click.echo(f"report: {out / 'report.json'}")
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["node", "aggregator", "expert"]), required=True,
+              help="node: holds private data and serves queue node.<id>; aggregator: merges and distills.")
+@click.option("--node-id", type=int, default=None, help="This node's id (role node); it consumes queue node.<id>.")
+@click.option("--data", multiple=True, type=click.Path(path_type=Path),
+              help="Private text file(s) of this node (role node); repeat for several.")
+@click.option("--threads", default=1, show_default=True, help="Torch threads per task.")
+@click.option("--concurrency", default=1, show_default=True, help="Worker processes (prefork pool).")
+@click.option("--loglevel", default="info", show_default=True)
+@broker_option
+@secret_option
+@one_line_errors
+def worker(role, node_id, data, threads, concurrency, loglevel, broker, secret) -> None:
+    """Start a worker (a thin wrapper over `celery worker`).
+
+    \b
+    lmteam worker --role node --node-id 3 --data shard3.txt
+    lmteam worker --role aggregator
+    """
+    from broker.app import AGGREGATOR_QUEUE, EXPERT_QUEUE, node_queue
+    from pipeline.data import load_corpus
+
+    settings = FleetSettings.from_env(broker_url=broker, secret=secret)
+    if settings.broker_url is None:
+        raise SettingsError("a worker needs a broker: pass --broker redis://... or set LMTEAM_BROKER_URL")
+    settings.validate()
+    if role == "node":
+        if node_id is None or not data:
+            raise click.UsageError("--role node needs --node-id and --data")
+        load_corpus([str(p) for p in data])  # refuse to start on a missing/empty/binary file
+        queue, name = node_queue(node_id), f"node{node_id}"
+    else:
+        queue, name = (AGGREGATOR_QUEUE if role == "aggregator" else EXPERT_QUEUE), role
+    os.environ.update({**settings.to_env(), "LMTEAM_ROLE": role, "LMTEAM_QUEUE": queue, "LMTEAM_WORKER_NAME": name,
+                       "LMTEAM_THREADS": str(threads),
+                       "LMTEAM_NODE_DATA": os.pathsep.join(str(Path(p).resolve()) for p in data)})
+    if node_id is not None:
+        os.environ["LMTEAM_NODE_ID"] = str(node_id)
+    from broker.app import app, configure
+
+    configure(app, settings)
+    app.worker_main(["worker", "-Q", queue, "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h",
+                     "-l", loglevel, "-E", "--without-gossip", "--without-mingle"])
+
+
+@main.command()
+@click.argument("job", required=False)
+@broker_option
+@one_line_errors
+def status(job, broker) -> None:
+    """List recent jobs, or show one job's record (needs --broker or LMTEAM_BROKER_URL)."""
+    from broker.jobs import JobRecord, list_jobs
+    from broker.store import connect
+    from workers.registry import live_queues
+
+    if not broker:
+        raise SettingsError("status reads a fleet's Redis: pass --broker redis://... or set LMTEAM_BROKER_URL")
+    client = connect(broker)
+    if job is None:
+        for w in live_queues(client).values():
+            click.echo(f"worker {w['name']:<12} queue {w['queue']:<12} host {w['host']} pid {w['pid']}")
+        for job_id in list_jobs(client):
+            rec = JobRecord(client, job_id).get()
+            click.echo(f"{job_id}  {rec['kind']:<6} {rec['status']:<10} {rec.get('error', '')}")
+        return
+    rec = JobRecord(client, job).get()
+    rec.pop("report", None)
+    click.echo(json.dumps(rec, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

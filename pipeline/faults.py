@@ -1,0 +1,62 @@
+"""Fault injection for drills and tests: make chosen nodes slow, raise, crash or send bad payloads.
+
+A job's config carries `faults: {node_id: spec}` so a faulty run is as reproducible as any other.
+Specs (`ROUNDS` is optional, e.g. `@0` or `@0,2`; without it the fault fires every round):
+  slow:SECONDS[@ROUNDS]    sleep before sending (past the deadline: the node is dropped)
+  raise:N[@ROUNDS]         raise on the first N attempts (each retry is one attempt)
+  crash[@ROUNDS]           kill the worker process on the first attempt (tests redelivery)
+  corrupt[@ROUNDS]         flip a byte of the signed payload (the aggregator must reject it)
+  truncate[@ROUNDS]        send half the payload
+  forge[@ROUNDS]           sign with the wrong secret
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("slow", "raise", "crash", "corrupt", "truncate", "forge")
+
+
+class FaultSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    arg: float = 0.0
+    rounds: tuple[int, ...] | None = None
+
+    def fires(self, rnd: int) -> bool:
+        return self.rounds is None or rnd in self.rounds
+
+
+def parse_fault(spec: str) -> Fault:
+    """'slow:20@0' -> Fault('slow', 20.0, (0,))."""
+    body, _, rounds_s = spec.partition("@")
+    kind, _, arg_s = body.partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise FaultSpecError(f"unknown fault {kind!r} in {spec!r}; one of {', '.join(KINDS)}")
+    try:
+        arg = float(arg_s) if arg_s else (1.0 if kind == "raise" else 0.0)
+        rounds = tuple(int(r) for r in rounds_s.split(",")) if rounds_s else None
+    except ValueError:
+        raise FaultSpecError(f"bad fault spec {spec!r}: expected KIND[:NUMBER][@ROUND,...]") from None
+    if arg < 0:
+        raise FaultSpecError(f"bad fault spec {spec!r}: negative number")
+    return Fault(kind, arg, rounds)
+
+
+def parse_faults(items: dict[str, str]) -> dict[str, Fault]:
+    return {str(node): parse_fault(spec) for node, spec in items.items()}
+
+
+def mangle(payload: bytes, fault: Fault) -> bytes:
+    """Damage a signed payload the way a buggy or hostile node would."""
+    if fault.kind == "corrupt":
+        i = len(payload) // 2
+        return payload[:i] + bytes([payload[i] ^ 0x5A]) + payload[i + 1:]
+    if fault.kind == "truncate":
+        return payload[: len(payload) // 2]
+    return payload

@@ -1,0 +1,98 @@
+"""The two halves of an FPLD round as plain functions: what a node does, what the aggregator does.
+
+Celery tasks (workers/tasks.py) only fetch inputs from the store, call these, and write outputs.
+Paper: Dubey & Huo, "Federated probe-logit distillation", arXiv 2605.09986, Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from broker.codec import encode_logits
+from pipeline.aggregate import mean_logits
+from pipeline.checkpoint import model_from_bytes, model_to_bytes
+from pipeline.fpld_config import FPLDConfig
+from pipeline.model import GPT, GPTConfig
+from pipeline.train import distill, mean_kl, perplexity, probe_logits, train_lm
+
+Progress = Callable[[int, float], None]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from job/round/node ids: the node's dither and the receiver's agree on it."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def tokens_to_bytes(windows: torch.Tensor) -> bytes:
+    return windows.to(torch.uint8).numpy().tobytes()
+
+
+def windows_from_bytes(data: bytes, block_size: int) -> torch.Tensor:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if arr.size % (block_size + 1):
+        raise ValueError(f"window blob of {arr.size} bytes is not a multiple of block_size+1={block_size + 1}")
+    return torch.from_numpy(arr.reshape(-1, block_size + 1).astype(np.int64))
+
+
+def initial_student(cfg: FPLDConfig) -> GPT:
+    """The shared base P^(0): a randomly initialised model, identical everywhere (seeded)."""
+    torch.manual_seed(cfg.seed)
+    return GPT(GPTConfig.from_dict(cfg.model_config()))
+
+
+@dataclass
+class NodeOutput:
+    payload: bytes
+    full_logits: np.ndarray | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def node_round(cfg: FPLDConfig, *, job: str, rnd: int, node: str, student: bytes, private: np.ndarray,
+               probe: torch.Tensor, eval_windows: torch.Tensor | None, secret: bytes,
+               progress: Progress | None = None) -> NodeOutput:
+    """Fine-tune the broadcast student on private text, then send B-bit logits on the probe set."""
+    t0 = time.perf_counter()
+    model = model_from_bytes(student)
+    losses = train_lm(model, private, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                      seed=derive_seed(job, rnd, node, "train"), progress=progress)
+    t1 = time.perf_counter()
+    logits = probe_logits(model, probe)  # (probe_seqs * block_size, V)
+    t2 = time.perf_counter()
+    payload = encode_logits(logits, secret=secret, job=job, round=rnd, node=node, bits=cfg.bits,
+                            clip=cfg.clip, dither_seed=derive_seed(job, rnd, node, "dither") if cfg.dither else None,
+                            compress=cfg.compress)
+    t3 = time.perf_counter()
+    metrics = {"train_loss": float(np.mean(losses[-10:])), "t_train": t1 - t0, "t_logits": t2 - t1,
+               "t_encode": t3 - t2, "payload_bytes": len(payload), "float32_bytes": logits.size * 4}
+    if eval_windows is not None:
+        metrics["local_ppl"] = perplexity(model, eval_windows)
+        metrics["t_eval"] = time.perf_counter() - t3
+    return NodeOutput(payload, logits if cfg.measure_teacher_kl else None, metrics)
+
+
+def merge_and_distill(cfg: FPLDConfig, *, job: str, rnd: int, student: bytes, node_logits: list[np.ndarray],
+                      probe: torch.Tensor, eval_windows: torch.Tensor,
+                      full_logits: list[np.ndarray] | None = None,
+                      progress: Progress | None = None) -> tuple[bytes, dict[str, float]]:
+    """Mean of the dequantized logits -> teacher; distill the next student from the previous one."""
+    t0 = time.perf_counter()
+    teacher = mean_logits(node_logits)
+    metrics: dict[str, float] = {}
+    if full_logits:
+        # What quantization cost: KL(full-precision teacher || B-bit teacher), same nodes.
+        metrics["teacher_kl"] = mean_kl(mean_logits(full_logits), teacher)
+    model = model_from_bytes(student)
+    losses = distill(model, probe, teacher, steps=cfg.distill_steps, batch_size=cfg.batch_size,
+                     lr=cfg.distill_lr, seed=derive_seed(job, rnd, "distill"), progress=progress)
+    t1 = time.perf_counter()
+    metrics.update(distill_kl=float(np.mean(losses[-10:])), t_distill=t1 - t0,
+                   student_ppl=perplexity(model, eval_windows))
+    metrics["t_eval"] = time.perf_counter() - t1
+    return model_to_bytes(model), metrics

@@ -1,0 +1,35 @@
+"""Aggregation math and quorum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.aggregate import QuorumError, check_quorum, default_quorum, mean_logits
+
+
+def test_mean_logits_is_arithmetic_mean():
+    """The FPLD teacher is the plain mean in logit space."""
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(5, 7)).astype(np.float32) for _ in range(4)]
+    np.testing.assert_allclose(mean_logits(xs), np.mean(np.stack(xs).astype(np.float64), axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_mean_logits_rejects_mismatched_shapes():
+    """Arrays of different shapes cannot be merged."""
+    with pytest.raises(ValueError, match="shape mismatch"):
+        mean_logits([np.zeros((2, 3)), np.zeros((3, 3))])
+    with pytest.raises(ValueError):
+        mean_logits([])
+
+
+def test_default_quorum_three_quarters():
+    """3 of 4, 6 of 8, 1 of 1."""
+    assert [default_quorum(k) for k in (1, 2, 3, 4, 8)] == [1, 2, 3, 3, 6]
+
+
+def test_check_quorum_message_names_nodes():
+    """The failure says how many merged, how many needed, and why the rest did not."""
+    check_quorum(3, 4, 3)
+    with pytest.raises(QuorumError, match="only 2 of 4 nodes merged, quorum is 3: node 1 late"):
+        check_quorum(2, 4, 3, "node 1 late")

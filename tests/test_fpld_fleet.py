@@ -1,0 +1,83 @@
+"""FPLD on a real fleet: private redis-server, real `lmteam worker` processes, injected faults."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from broker.jobs import JobRecord
+from broker.settings import FleetSettings
+from broker.store import Store
+from pipeline.fpld import JobFailed, drive, load_domains, local_fleet, prepare_data
+from tests.fleet import tiny_config, tiny_corpus
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Four node workers and an aggregator, shared by the tests of this module."""
+    corpus = tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    cfg = tiny_config(corpus)
+    data = prepare_data(cfg, load_domains(cfg))
+    settings = FleetSettings(retry_backoff=0.2, max_retries=2)
+    with local_fleet(cfg, data, settings) as f:
+        store = Store.from_url(f.settings.backend_url)
+        f.wait_ready(store.r)
+        yield f, store, corpus, data
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_round_completes_with_quorum_despite_slow_and_raising_nodes(fleet):
+    """Node 1 sleeps past the deadline, node 2 raises once: 3 of 4 merge, the record names both."""
+    f, store, corpus, data = fleet
+    cfg = tiny_config(corpus, faults={"1": "slow:14", "2": "raise:1"}, quorum=3)
+    report = drive(cfg, f.settings, data)
+    job_id = report["job"]
+    nodes = report["rounds"][0]["nodes"]
+    assert nodes["1"]["status"] == "late"
+    assert nodes["2"] == {"status": "merged", "retries": 1, "bytes": nodes["2"]["bytes"]}
+    assert [nodes[n]["status"] for n in ("0", "3")] == ["merged", "merged"]
+    assert report["summary"]["dropped"] == {"0": ["1"]}
+    assert report["summary"]["retried"] == {"0": ["2"]}
+    rec = JobRecord(store.r, job_id).get()
+    assert rec["status"] == "succeeded"
+    assert any(e["type"] == "node_retry" and e["node"] == "2" for e in JobRecord(store.r, job_id).events())
+
+    # The slow node's payload arrives after the seal: recorded late, merged output unchanged.
+    merged = hashlib.sha256(store.get_blob(job_id, "student/1")).hexdigest()
+    assert _wait_for(lambda: store.node_state(job_id, 0, "1").get("late_at") is not None, 30)
+    assert store.get_payload(job_id, 0, "1") is None
+    assert store.round_result(job_id, 0)["merged"] == 3
+    assert hashlib.sha256(store.get_blob(job_id, "student/1")).hexdigest() == merged
+
+
+def test_round_fails_clearly_without_quorum(fleet):
+    """With quorum 4 and one node late, the job fails and says why."""
+    f, store, corpus, data = fleet
+    cfg = tiny_config(corpus, faults={"3": "slow:12"}, quorum=4, round_timeout=6.0)
+    with pytest.raises(JobFailed, match=r"round 0: only 3 of 4 nodes merged, quorum is 4: node 3 late"):
+        drive(cfg, f.settings, data, job_id="fpld-noquorum")
+    assert JobRecord(store.r, "fpld-noquorum").get()["status"] == "failed"
+
+
+def test_bad_payloads_are_rejected_and_round_completes(fleet):
+    """A corrupted, a forged and a truncated payload are rejected with reasons; quorum 1 still merges."""
+    f, store, corpus, data = fleet
+    cfg = tiny_config(corpus, faults={"0": "corrupt", "1": "forge", "2": "truncate"}, quorum=1,
+                      round_timeout=20.0)
+    report = drive(cfg, f.settings, data)
+    nodes = report["rounds"][0]["nodes"]
+    assert [nodes[n]["status"] for n in "0123"] == ["rejected", "rejected", "rejected", "merged"]
+    assert "signature" in nodes["1"]["reason"]
+    assert report["summary"]["rejected"] == {"0": ["0", "1", "2"]}

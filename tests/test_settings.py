@@ -1,0 +1,54 @@
+"""Fleet settings and the FPLD job config."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.settings import FleetSettings, SettingsError, redact_url
+from pipeline.fpld_config import ConfigError, FPLDConfig
+
+
+def test_settings_from_env_and_overrides(monkeypatch):
+    """Env vars set defaults, explicit (CLI) values win, None means 'not given'."""
+    monkeypatch.setenv("LMTEAM_BROKER_URL", "redis://env:6379/0")
+    monkeypatch.setenv("LMTEAM_MAX_RETRIES", "5")
+    s = FleetSettings.from_env(broker_url=None, secret="s")
+    assert s.broker_url == "redis://env:6379/0" and s.max_retries == 5 and s.secret == "s"
+    assert FleetSettings.from_env(broker_url="redis://cli:1/0").broker_url == "redis://cli:1/0"
+
+
+def test_settings_validate_requires_secret_on_a_fleet():
+    """A real fleet without a shared secret could not verify payloads."""
+    with pytest.raises(SettingsError, match="LMTEAM_SECRET"):
+        FleetSettings(broker_url="redis://h:6379/0").validate()
+    with pytest.raises(SettingsError, match="redis://"):
+        FleetSettings(broker_url="amqp://h", secret="x").validate()
+    FleetSettings(broker_url="rediss://h:6380/0", secret="x").validate()
+
+
+def test_settings_public_dict_hides_secrets():
+    """Job records never hold the secret or the Redis password."""
+    d = FleetSettings(broker_url="redis://:hunter2@h:6379/0", secret="x").public_dict()
+    assert "secret" not in d and "hunter2" not in str(d)
+    assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert FleetSettings(secret="abc").to_env()["LMTEAM_SECRET"] == "abc"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bits": 0}, "--bits"), ({"bits": 17}, "--bits"), ({"nodes": 0}, "--nodes"),
+    ({"quorum": 5}, "--quorum"), ({"n_embd": 30, "n_head": 4}, "multiple"),
+    ({"faults": {"9": "slow:1"}}, "unknown node"), ({"faults": {"0": "boom"}}, "unknown fault"),
+])
+def test_fpld_config_rejects_bad_values(kwargs, match):
+    """Each bad option is named in the error."""
+    with pytest.raises(ConfigError, match=match):
+        FPLDConfig(**kwargs).validate()
+
+
+def test_fpld_config_roundtrip_and_strictness():
+    """The stored config rebuilds the same job; unknown keys are refused."""
+    cfg = FPLDConfig(nodes=3, bits=4, faults={"1": "slow:2"}).validate()
+    assert FPLDConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.effective_quorum == 3
+    with pytest.raises(ConfigError, match="unknown FPLD option"):
+        FPLDConfig.from_dict({"nodez": 3})

@@ -1,0 +1,66 @@
+"""The store and job record against a real private Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.jobs import JobRecord, JobStatus, UnknownJob, list_jobs
+from broker.store import Store
+
+
+def test_submit_payload_arrives_once(redis_client):
+    """First write wins; a redelivered task's second write is a duplicate and changes nothing."""
+    st = Store(redis_client)
+    assert st.submit_payload("j", 0, "1", b"first") == "arrived"
+    assert st.submit_payload("j", 0, "1", b"second") == "duplicate"
+    assert st.get_payload("j", 0, "1") == b"first"
+    assert st.node_state("j", 0, "1")["status"] == "arrived"
+
+
+def test_submit_after_close_is_late_and_not_stored(redis_client):
+    """A payload that arrives after the seal is recorded late and never becomes mergeable."""
+    st = Store(redis_client)
+    assert st.submit_payload("j", 0, "0", b"on time") == "arrived"
+    assert st.close_round("j", 0) is True
+    assert st.close_round("j", 0) is False
+    assert st.submit_payload("j", 0, "1", b"too late") == "late"
+    assert st.get_payload("j", 0, "1") is None
+    assert st.node_state("j", 0, "1")["status"] == "late"
+    assert st.get_payload("j", 0, "0") == b"on time"
+
+
+def test_node_update_if_open_respects_seal(redis_client):
+    """A failure recorded after the seal does not overwrite the aggregator's verdict."""
+    st = Store(redis_client)
+    assert st.node_update_if_open("j", 0, "2", status="failed") is True
+    st.close_round("j", 0)
+    st.node_update("j", 0, "3", status="late")
+    assert st.node_update_if_open("j", 0, "3", status="failed") is False
+    assert st.node_state("j", 0, "3")["status"] == "late"
+
+
+def test_round_result_written_once(redis_client):
+    """A redelivered aggregator cannot replace the first merged result."""
+    st = Store(redis_client)
+    assert st.put_round_result("j", 0, {"merged": 3}) is True
+    assert st.put_round_result("j", 0, {"merged": 4}) is False
+    assert st.round_result("j", 0) == {"merged": 3}
+
+
+def test_store_clock_is_redis_time(redis_client):
+    """Deadlines use Redis's clock, which moves forward."""
+    st = Store(redis_client)
+    a = st.now()
+    assert st.now() >= a > 1e9
+
+
+def test_job_record_roundtrip(redis_client):
+    """Config, status and events survive as JSON; unknown jobs give a readable error."""
+    rec = JobRecord.create(redis_client, "fpld-x", "fpld", {"nodes": 4}, {"broker_url": "redis://:***@h"})
+    rec.set_status(JobStatus.RUNNING)
+    got = rec.get()
+    assert got["config"] == {"nodes": 4} and got["status"] == "running"
+    assert [e["type"] for e in rec.events()] == ["created", "status"]
+    assert list_jobs(redis_client) == ["fpld-x"]
+    with pytest.raises(UnknownJob, match="no job 'nope'"):
+        JobRecord(redis_client, "nope").get()
