@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def one_line_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 broker_option = click.option("--broker", envvar="LMTEAM_BROKER_URL", default=None, metavar="URL",
@@ -111,6 +116,7 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
     on a public probe set, and the aggregator distills the next student from their mean.
     Prints a summary table and writes a JSON report.
     """
+    from broker.jobs import new_job_id
     from pipeline.fpld import run_fpld
     from pipeline.fpld_config import ConfigError, FPLDConfig
     from pipeline.progress import NullProgress, RichProgress
@@ -131,10 +137,11 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
 
     load_corpus(cfg.corpus) if cfg.corpus else None  # fail on bad files before anything starts
     progress = NullProgress() if quiet else RichProgress()
-    report = run_fpld(cfg, settings, out_dir=None, progress=progress)
-    out = out or Path("runs") / report["job"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    # SIGTERM unwinds like Ctrl-C, so the embedded fleet is torn down either way.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    job_id = new_job_id("fpld")
+    out = out or Path("runs") / job_id
+    report = run_fpld(cfg, settings, out_dir=out, progress=progress, job_id=job_id)
     print_fpld_summary(report)
     click.echo(f"report: {out / 'report.json'}")
 
@@ -146,12 +153,14 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
 @click.option("--data", multiple=True, type=click.Path(path_type=Path),
               help="Private text file(s) of this node (role node); repeat for several.")
 @click.option("--threads", default=1, show_default=True, help="Torch threads per task.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Node-local state (e.g. retrieval indexes) [default: ./lmteam-state/<name>].")
 @click.option("--concurrency", default=1, show_default=True, help="Worker processes (prefork pool).")
 @click.option("--loglevel", default="info", show_default=True)
 @broker_option
 @secret_option
 @one_line_errors
-def worker(role, node_id, data, threads, concurrency, loglevel, broker, secret) -> None:
+def worker(role, node_id, data, threads, state_dir, concurrency, loglevel, broker, secret) -> None:
     """Start a worker (a thin wrapper over `celery worker`).
 
     \b
@@ -174,6 +183,7 @@ def worker(role, node_id, data, threads, concurrency, loglevel, broker, secret) 
         queue, name = (AGGREGATOR_QUEUE if role == "aggregator" else EXPERT_QUEUE), role
     os.environ.update({**settings.to_env(), "LMTEAM_ROLE": role, "LMTEAM_QUEUE": queue, "LMTEAM_WORKER_NAME": name,
                        "LMTEAM_THREADS": str(threads),
+                       "LMTEAM_STATE_DIR": str((state_dir or Path("lmteam-state") / name).resolve()),
                        "LMTEAM_NODE_DATA": os.pathsep.join(str(Path(p).resolve()) for p in data)})
     if node_id is not None:
         os.environ["LMTEAM_NODE_ID"] = str(node_id)

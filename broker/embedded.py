@@ -103,6 +103,7 @@ class WorkerSpec:
     node_id: int | None = None
     data: tuple[str, ...] = ()
     threads: int = 1
+    state_dir: str | None = None  # where the worker keeps node-local state (indexes); kept across runs
 
     @property
     def name(self) -> str:
@@ -115,6 +116,8 @@ def worker_argv(spec: WorkerSpec) -> list[str]:
         argv += ["--node-id", str(spec.node_id)]
     for path in spec.data:
         argv += ["--data", path]
+    if spec.state_dir:
+        argv += ["--state-dir", spec.state_dir]
     return argv
 
 

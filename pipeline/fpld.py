@@ -91,7 +91,7 @@ def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, work
 
 
 def run_fpld(cfg: FPLDConfig, settings: FleetSettings, *, out_dir: Path | None = None,
-             progress: NullProgress | None = None) -> dict:
+             progress: NullProgress | None = None, job_id: str | None = None) -> dict:
     """Run a whole job on the configured fleet (or an embedded one) and return its report."""
     cfg.validate()
     settings.validate()
@@ -101,8 +101,8 @@ def run_fpld(cfg: FPLDConfig, settings: FleetSettings, *, out_dir: Path | None =
         progress.message(f"starting an embedded fleet: private redis-server, {cfg.nodes} node workers, 1 aggregator")
         with local_fleet(cfg, data, settings) as fleet:
             fleet.wait_ready(Store.from_url(fleet.settings.backend_url).r)
-            return drive(cfg, fleet.settings, data, out_dir=out_dir, progress=progress)
-    return drive(cfg, settings, data, out_dir=out_dir, progress=progress)
+            return drive(cfg, fleet.settings, data, out_dir=out_dir, progress=progress, job_id=job_id)
+    return drive(cfg, settings, data, out_dir=out_dir, progress=progress, job_id=job_id)
 
 
 def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir: Path | None = None,
@@ -166,7 +166,8 @@ def _run_round(cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: N
             time.sleep(0.25)
     states = st.round_nodes(job.id, rnd, nodes)
     progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"]))
-    spans = [NodeSpan(n, float(s["started_at"]), float(s["finished_at"]), int(s.get("payload_bytes", 0)))
+    spans = [NodeSpan(n, float(s["started_at"]), float(s["finished_at"]), int(s.get("payload_bytes", 0)),
+                      float(s.get("cpu_s", 0.0)))
              for n, s in states.items() if result["nodes"][n]["status"] == "merged"]
     ended = float(result.get("finished_at", time.time()))
     timing = RoundTiming(dispatched, spans, ended - float(result["sealed_at"]), ended)
@@ -210,7 +211,6 @@ def build_report(cfg: FPLDConfig, settings: FleetSettings, job_id: str, data: Pu
             "local_ppl_mean": float(np.mean(list(local_ppl.values()))) if local_ppl else None,
             "teacher_kl": last.get("teacher_kl"),
             "bytes_per_node": sent,
-            "payload_bytes_per_round": f32 * cfg.bits / 32,
             "float32_bytes_per_round": f32,
             "round_s": [r["round_s"] for r in rounds],
             "wall_s": wall_s,

@@ -58,7 +58,7 @@ def node_round(cfg: FPLDConfig, *, job: str, rnd: int, node: str, student: bytes
                probe: torch.Tensor, eval_windows: torch.Tensor | None, secret: bytes,
                progress: Progress | None = None) -> NodeOutput:
     """Fine-tune the broadcast student on private text, then send B-bit logits on the probe set."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model = model_from_bytes(student)
     losses = train_lm(model, private, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                       seed=derive_seed(job, rnd, node, "train"), progress=progress)
@@ -74,6 +74,8 @@ def node_round(cfg: FPLDConfig, *, job: str, rnd: int, node: str, student: bytes
     if eval_windows is not None:
         metrics["local_ppl"] = perplexity(model, eval_windows)
         metrics["t_eval"] = time.perf_counter() - t3
+    # CPU seconds next to wall seconds: on an oversubscribed machine wall time overstates the work.
+    metrics["cpu_s"] = time.process_time() - cpu0
     return NodeOutput(payload, logits if cfg.measure_teacher_kl else None, metrics)
 
 

@@ -18,6 +18,7 @@ class NodeSpan:
     start: float
     finish: float
     bytes: int = 0
+    cpu: float = 0.0  # CPU seconds of the task; below `busy` when processes share cores
 
     @property
     def busy(self) -> float:
@@ -44,12 +45,14 @@ def team_metrics(rounds: Sequence[RoundTiming], workers: int) -> dict[str, objec
     makespan = rounds[-1].ended - rounds[0].dispatched
     node_busy: dict[str, float] = {}
     node_bytes: dict[str, int] = {}
+    node_cpu: dict[str, float] = {}
     gaps, critical, parallel_work, serial_work = [], 0.0, 0.0, 0.0
     for r in rounds:
         latencies = []
         for s in r.nodes:
             node_busy[s.node] = node_busy.get(s.node, 0.0) + s.busy
             node_bytes[s.node] = node_bytes.get(s.node, 0) + s.bytes
+            node_cpu[s.node] = node_cpu.get(s.node, 0.0) + s.cpu
             latencies.append(s.finish - r.dispatched)
             parallel_work += s.busy
         if latencies:
@@ -71,5 +74,5 @@ def team_metrics(rounds: Sequence[RoundTiming], workers: int) -> dict[str, objec
         "efficiency_vs_amdahl": speedup / bound if bound > 0 else 0.0,
         "straggler_gap_s": {"per_round": gaps, "mean": sum(gaps) / len(gaps) if gaps else 0.0},
         "per_node": {n: {"busy_s": b, "idle_s": max(0.0, makespan - b), "utilization": b / makespan if makespan else 0.0,
-                         "bytes": node_bytes[n]} for n, b in sorted(node_busy.items())},
+                         "cpu_s": node_cpu[n], "bytes": node_bytes[n]} for n, b in sorted(node_busy.items())},
     }

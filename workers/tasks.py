@@ -131,9 +131,9 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
         st.node_update(job_id, rnd, node, finished_at=time.time(), **out.metrics)
         job.event("node_finish", round=rnd, node=node, outcome=outcome, bytes=len(payload))
         return {"node": node, "round": rnd, "status": outcome, "bytes": len(payload)}
-    except (Retry, SoftTimeLimitExceeded) as e:
-        if isinstance(e, Retry):
-            raise
+    except Retry:
+        raise
+    except SoftTimeLimitExceeded:
         return _node_failed(job, st, rnd, node, "soft time limit exceeded")
     except Exception as e:
         limit = settings_of(app).max_retries
@@ -154,12 +154,23 @@ def _node_failed(job: JobRecord, st: Store, rnd: int, node: str, error: str) -> 
 @app.task(bind=True, name=AGGREGATE_ROUND, max_retries=None)
 def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
     """Wait for the nodes until the deadline, seal the round, merge what arrived, distill."""
-    from pipeline.fpld_steps import merge_and_distill, windows_from_bytes
-
     st = store()
     done = st.round_result(job_id, rnd)
     if done is not None:  # redelivered after it already finished
         return done
+    try:
+        return _aggregate(st, job_id, rnd, deadline)
+    except Exception as e:
+        # The submitter waits on the round result: an error must end the round, not leave it hanging.
+        result = {"round": rnd, "status": "failed", "error": f"round {rnd}: aggregator error: {_one_line(e)}"}
+        st.put_round_result(job_id, rnd, result)
+        log.exception("aggregate round %d of %s failed", rnd, job_id)
+        return result
+
+
+def _aggregate(st: Store, job_id: str, rnd: int, deadline: float) -> dict:
+    from pipeline.fpld_steps import merge_and_distill, windows_from_bytes
+
     job = JobRecord(st.r, job_id)
     cfg = job_config(job_id)
     nodes = cfg.node_ids
