@@ -8,13 +8,18 @@ Specs (`ROUNDS` is optional, e.g. `@0` or `@0,2`; without it the fault fires eve
   corrupt[@ROUNDS]         flip a byte of the signed payload (the aggregator must reject it)
   truncate[@ROUNDS]        send half the payload
   forge[@ROUNDS]           sign with the wrong secret
+  oversize[@ROUNDS]        send 8x the rows as raw float32 (over the aggregator's size limit)
+  reshape[@ROUNDS]         send half the vocabulary columns (wrong shape)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("slow", "raise", "crash", "corrupt", "truncate", "forge")
+import numpy as np
+
+KINDS = ("slow", "raise", "crash", "corrupt", "truncate", "forge", "oversize", "reshape")
+PAYLOAD_KINDS = ("corrupt", "truncate", "forge", "oversize", "reshape")
 
 
 class FaultSpecError(ValueError):
@@ -52,11 +57,21 @@ def parse_faults(items: dict[str, str]) -> dict[str, Fault]:
     return {str(node): parse_fault(spec) for node, spec in items.items()}
 
 
-def mangle(payload: bytes, fault: Fault) -> bytes:
+def mangle(payload: bytes, fault: Fault, secret: bytes = b"") -> bytes:
     """Damage a signed payload the way a buggy or hostile node would."""
     if fault.kind == "corrupt":
         i = len(payload) // 2
         return payload[:i] + bytes([payload[i] ^ 0x5A]) + payload[i + 1:]
     if fault.kind == "truncate":
         return payload[: len(payload) // 2]
+    if fault.kind in ("forge", "oversize", "reshape"):
+        from broker.codec import decode_logits, encode_logits
+
+        x, meta = decode_logits(payload, secret=secret)
+        ids = dict(job=meta.job, round=meta.round, node=meta.node)
+        if fault.kind == "forge":
+            return encode_logits(x, secret=b"not-the-fleet-secret", bits=meta.bits, clip=meta.clip, **ids)
+        if fault.kind == "oversize":
+            return encode_logits(np.tile(x, (8, 1)), secret=secret, bits=32, **ids)
+        return encode_logits(x[:, : x.shape[1] // 2], secret=secret, bits=meta.bits, clip=meta.clip, **ids)
     return payload

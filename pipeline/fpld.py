@@ -171,7 +171,7 @@ def _run_round(cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: N
              for n, s in states.items() if result["nodes"][n]["status"] == "merged"]
     ended = float(result.get("finished_at", time.time()))
     timing = RoundTiming(dispatched, spans, ended - float(result["sealed_at"]), ended)
-    result = {**result, "round_s": ended - dispatched, "node_metrics": states}
+    result = {**result, "dispatched_at": dispatched, "round_s": ended - dispatched, "node_metrics": states}
     if result["status"] == "ok":
         late = [n for n, v in result["nodes"].items() if v["status"] != "merged"]
         progress.message(f"round {rnd + 1}/{cfg.rounds}: merged {result['merged']}/{cfg.nodes}"

@@ -22,7 +22,8 @@ def fleet(tmp_path_factory):
     corpus = tiny_corpus(tmp_path_factory.mktemp("corpus"))
     cfg = tiny_config(corpus)
     data = prepare_data(cfg, load_domains(cfg))
-    settings = FleetSettings(retry_backoff=0.2, max_retries=2)
+    # tiny payloads are ~33 KB; the size limit makes an 8x raw float32 payload oversized
+    settings = FleetSettings(retry_backoff=0.2, max_retries=2, max_payload_bytes=400_000)
     with local_fleet(cfg, data, settings) as f:
         store = Store.from_url(f.settings.backend_url)
         f.wait_ready(store.r)
@@ -71,13 +72,24 @@ def test_round_fails_clearly_without_quorum(fleet):
     assert JobRecord(store.r, "fpld-noquorum").get()["status"] == "failed"
 
 
-def test_bad_payloads_are_rejected_and_round_completes(fleet):
-    """A corrupted, a forged and a truncated payload are rejected with reasons; quorum 1 still merges."""
+def test_bad_payloads_are_rejected_and_rounds_complete(fleet):
+    """Corrupted, forged, truncated, oversized and wrong-shape payloads are rejected with reasons."""
     f, store, corpus, data = fleet
-    cfg = tiny_config(corpus, faults={"0": "corrupt", "1": "forge", "2": "truncate"}, quorum=1,
-                      round_timeout=20.0)
+    cfg = tiny_config(corpus, rounds=2, quorum=1, round_timeout=20.0,
+                      faults={"0": "corrupt", "1": "forge@0", "2": "truncate@0", "3": "oversize@1"})
     report = drive(cfg, f.settings, data)
-    nodes = report["rounds"][0]["nodes"]
-    assert [nodes[n]["status"] for n in "0123"] == ["rejected", "rejected", "rejected", "merged"]
-    assert "signature" in nodes["1"]["reason"]
-    assert report["summary"]["rejected"] == {"0": ["0", "1", "2"]}
+    r0, r1 = (r["nodes"] for r in report["rounds"])
+    assert [r0[n]["status"] for n in "0123"] == ["rejected", "rejected", "rejected", "merged"]
+    assert "signature" in r0["1"]["reason"] and "signature" in r0["0"]["reason"]
+    assert [r1[n]["status"] for n in "0123"] == ["rejected", "merged", "merged", "rejected"]
+    assert "over max_bytes" in r1["3"]["reason"]
+    assert report["summary"]["rejected"] == {"0": ["0", "1", "2"], "1": ["0", "3"]}
+
+
+def test_wrong_shape_payload_is_rejected(fleet):
+    """A payload of the wrong shape never reaches the mean."""
+    f, store, corpus, data = fleet
+    cfg = tiny_config(corpus, quorum=3, round_timeout=20.0, faults={"2": "reshape"})
+    report = drive(cfg, f.settings, data)
+    node = report["rounds"][0]["nodes"]["2"]
+    assert node["status"] == "rejected" and "shape" in node["reason"]

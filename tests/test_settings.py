@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.settings import FleetSettings, SettingsError, redact_url
 from pipeline.fpld_config import ConfigError, FPLDConfig
@@ -52,3 +54,19 @@ def test_fpld_config_roundtrip_and_strictness():
     assert cfg.effective_quorum == 3
     with pytest.raises(ConfigError, match="unknown FPLD option"):
         FPLDConfig.from_dict({"nodez": 3})
+
+
+@given(st.dictionaries(
+    st.sampled_from(sorted(FPLDConfig().to_dict()) + ["bogus"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
+              st.text(max_size=5), st.lists(st.text(max_size=3), max_size=2),
+              st.dictionaries(st.text(max_size=2), st.text(max_size=8), max_size=2)),
+    max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_fpld_config_parser_fuzz_only_raises_config_error(d):
+    """Any JSON-like mapping either parses to a valid config or raises ConfigError, nothing else."""
+    try:
+        cfg = FPLDConfig.from_dict(d)
+    except ConfigError:
+        return
+    assert FPLDConfig.from_dict(cfg.to_dict()) == cfg

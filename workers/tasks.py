@@ -21,7 +21,7 @@ from broker.codec import PayloadError, decode_logits, encode_logits
 from broker.jobs import JobRecord, NodeStatus
 from broker.store import Store
 from pipeline.aggregate import QuorumError, check_quorum
-from pipeline.faults import mangle, parse_faults
+from pipeline.faults import PAYLOAD_KINDS, mangle, parse_faults
 from pipeline.fpld_config import FPLDConfig
 from workers import registry
 
@@ -119,11 +119,8 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
         payload = out.payload
         if fault and fault.kind == "slow":
             time.sleep(fault.arg)
-        if fault and fault.kind in ("corrupt", "truncate"):
-            payload = mangle(payload, fault)
-        if fault and fault.kind == "forge":
-            payload = encode_logits(decode_logits(payload, secret=secret())[0], secret=b"not-the-fleet-secret",
-                                    job=job_id, round=rnd, node=node, bits=cfg.bits, clip=cfg.clip)
+        if fault and fault.kind in PAYLOAD_KINDS:
+            payload = mangle(payload, fault, secret())
         if out.full_logits is not None:
             st.put_blob(job_id, f"diag/{rnd}/{node}",
                         encode_logits(out.full_logits, secret=secret(), job=job_id, round=rnd, node=node, bits=32))
