@@ -27,6 +27,7 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         import redis
 
+        from broker.auth import FleetAuthError
         from broker.embedded import EmbeddedError
         from broker.jobs import UnknownJob
         from pipeline.data import CorpusError
@@ -37,7 +38,7 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except (CorpusError, ConfigError, SettingsError) as e:
             raise click.UsageError(str(e)) from None
-        except (EmbeddedError, JobFailed, UnknownJob) as e:
+        except (EmbeddedError, JobFailed, UnknownJob, FleetAuthError) as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(EXIT_FAILED)
         except redis.exceptions.AuthenticationError:
@@ -174,6 +175,9 @@ def worker(role, node_id, data, threads, state_dir, concurrency, loglevel, broke
     if settings.broker_url is None:
         raise SettingsError("a worker needs a broker: pass --broker redis://... or set LMTEAM_BROKER_URL")
     settings.validate()
+    from broker.auth import check_fleet_secret, connect_checked
+
+    check_fleet_secret(connect_checked(settings.backend_url), settings.secret)
     if role == "node":
         if node_id is None or not data:
             raise click.UsageError("--role node needs --node-id and --data")
@@ -200,13 +204,13 @@ def worker(role, node_id, data, threads, state_dir, concurrency, loglevel, broke
 @one_line_errors
 def status(job, broker) -> None:
     """List recent jobs, or show one job's record (needs --broker or LMTEAM_BROKER_URL)."""
+    from broker.auth import connect_checked
     from broker.jobs import JobRecord, list_jobs
-    from broker.store import connect
     from workers.registry import live_queues
 
     if not broker:
         raise SettingsError("status reads a fleet's Redis: pass --broker redis://... or set LMTEAM_BROKER_URL")
-    client = connect(broker)
+    client = connect_checked(broker)
     if job is None:
         for w in live_queues(client).values():
             click.echo(f"worker {w['name']:<12} queue {w['queue']:<12} host {w['host']} pid {w['pid']}")

@@ -5,6 +5,7 @@ import. A submitting CLI that starts an embedded fleet calls `configure()` once 
 
 Reliability choices (see docs/ and the research notes):
 - acks_late + reject_on_worker_lost: a task whose worker process dies is redelivered, not lost.
+- running tasks are not cancelled when the broker connection drops (see the note below).
   Our tasks are idempotent (first payload written wins), which makes redelivery safe.
 - prefetch 1: a worker holds only the task it runs, so a long training task never hides
   another task from an idle worker.
@@ -28,7 +29,11 @@ def node_queue(node_id: int | str) -> str:
 
 
 def celery_config(settings: FleetSettings) -> dict[str, object]:
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    # kombu's defaults scan for unacknowledged messages of dead workers only every ~100 s
+    # (interval 10 s, throttle 10); scan every interval so redelivery follows the visibility timeout.
+    transport = {"visibility_timeout": settings.visibility_timeout,
+                 "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 3)),
+                 "unacked_restore_throttle": 1}
     return dict(
         broker_url=settings.broker_url,
         result_backend=settings.backend_url,
@@ -39,7 +44,12 @@ def celery_config(settings: FleetSettings) -> dict[str, object]:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Measured here (tests/test_hardening.py): with True, a Redis restart terminates running
+        # tasks and the terminated task is then *acked* on reconnect, i.e. lost. With False the
+        # task finishes (its store client retries through the outage) and, if its ack cannot
+        # be delivered, it is redelivered after the visibility timeout: at-least-once, and our
+        # tasks are idempotent.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,
         broker_transport_options=transport,
@@ -63,6 +73,12 @@ def configure(app: Celery, settings: FleetSettings) -> Celery:
 
 def settings_of(app: Celery) -> FleetSettings:
     return app.conf.lmteam_settings
+
+
+def client_app(settings: FleetSettings) -> Celery:
+    """A fresh app for a submitter: Celery caches broker connections per app, so a process that
+    talks to several fleets in turn (tests, benches) needs one app per fleet."""
+    return configure(Celery("lmteam-client", set_as_current=False), settings)
 
 
 app = Celery("lmteam", include=["workers.tasks"])

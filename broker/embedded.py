@@ -70,7 +70,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         binary = find_redis_server()
-        self.port = free_port()
+        self.port = self.port or free_port()
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir),
                 "--requirepass", self.password, "--daemonize", "no", "--protected-mode", "yes",
@@ -93,6 +93,12 @@ class RedisServer:
     def stop(self) -> None:
         _stop(self.proc, grace=3.0)
         self.proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop and start again on the same port and directory (drills: data survives with AOF)."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import json
 import time
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 KEY_PREFIX = "lmteam"
 
@@ -43,11 +45,18 @@ return 1
 """
 
 
-def connect(url: str) -> redis.Redis:
-    """A redis-py client for a Celery-style URL (redis+socket:// is redis-py's unix://)."""
+def connect(url: str, outage_s: float = 30.0) -> redis.Redis:
+    """A redis-py client for a Celery-style URL (redis+socket:// is redis-py's unix://).
+
+    Commands are retried with backoff for about `outage_s` seconds, so a Redis restart (with
+    append-only persistence) is a pause for the job, not a failure.
+    """
     if url.startswith("redis+socket://"):
         url = "unix://" + url[len("redis+socket://"):]
-    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30)
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=max(1, int(outage_s)))
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
+                                retry=retry, retry_on_error=[redis.exceptions.ConnectionError,
+                                                             redis.exceptions.TimeoutError])
 
 
 class Store:

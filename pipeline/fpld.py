@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from celery import Celery
 
-from broker.app import AGGREGATOR_QUEUE, app, configure, node_queue
+from broker.app import AGGREGATOR_QUEUE, client_app, node_queue
+from broker.auth import check_fleet_secret, connect_checked
 from broker.embedded import EmbeddedFleet, WorkerSpec
 from broker.jobs import JobRecord, JobStatus, new_job_id
 from broker.settings import FleetSettings
@@ -77,7 +79,8 @@ def prepare_data(cfg: FPLDConfig, domains: list[Domain]) -> PublicData:
 
 
 @contextmanager
-def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, workdir: Path | None = None):
+def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, workdir: Path | None = None,
+                appendonly: bool = False):
     """An embedded fleet whose node workers hold this job's private shards."""
     with tempfile.TemporaryDirectory(prefix="lmteam-shards-") as tmp:
         specs = []
@@ -86,7 +89,7 @@ def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, work
             path.write_bytes(shard.tobytes())
             specs.append(WorkerSpec("node", i, (str(path),)))
         specs.append(WorkerSpec("aggregator"))
-        with EmbeddedFleet(specs, settings, workdir=workdir) as fleet:
+        with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly) as fleet:
             yield fleet
 
 
@@ -109,8 +112,9 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
           progress: NullProgress | None = None, job_id: str | None = None) -> dict:
     """Submit the job to a running fleet and follow it round by round."""
     progress = progress or NullProgress()
-    configure(app, settings)
-    st = Store.from_url(settings.backend_url, ttl=settings.blob_ttl)
+    app = client_app(settings)
+    st = Store(connect_checked(settings.backend_url), ttl=settings.blob_ttl)
+    check_fleet_secret(st.r, settings.secret)
     _warn_missing_workers(st, cfg, progress)
     job_id = job_id or new_job_id("fpld")
     job = JobRecord.create(st.r, job_id, "fpld", cfg.to_dict(), settings.public_dict(), ttl=settings.blob_ttl)
@@ -124,7 +128,7 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     try:
         with progress:
             for rnd in range(cfg.rounds):
-                result, timing = _run_round(cfg, st, job, rnd, progress)
+                result, timing = _run_round(app, cfg, st, job, rnd, progress)
                 rounds.append(result)
                 timings.append(timing)
                 if result["status"] != "ok":
@@ -132,6 +136,8 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     except BaseException as e:
         job.set_status(JobStatus.FAILED, error=str(e) or type(e).__name__)
         raise
+    finally:
+        app.close()
     report = build_report(cfg, settings, job_id, data, rounds, timings, st, time.time() - t_job)
     job.set(report=report)
     job.set_status(JobStatus.SUCCEEDED)
@@ -142,7 +148,7 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     return report
 
 
-def _run_round(cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: NullProgress):
+def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: NullProgress):
     nodes = cfg.node_ids
     dispatched = time.time()
     deadline = st.now() + cfg.round_timeout

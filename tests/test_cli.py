@@ -92,3 +92,20 @@ def test_cli_without_redis_server_says_how_to_install(tmp_path):
     assert res.returncode == 1
     assert "no redis-server found" in res.stderr and "apt-get install redis-server" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_cli_worker_wrong_password_is_refused(tmp_path, redis_server):
+    """A worker with the wrong Redis password stops at once with one line."""
+    url = redis_server.url.replace(redis_server.password, "wrong")
+    res = lmteam("worker", "--role", "aggregator", "--broker", url, "--secret", "s", cwd=tmp_path, timeout=60)
+    assert res.returncode == 1 and "refused the password" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_worker_wrong_fleet_secret_is_refused(tmp_path, redis_server, redis_client):
+    """A worker whose secret differs from the fleet's is refused before it takes any task."""
+    from broker.auth import check_fleet_secret
+
+    check_fleet_secret(redis_client, "the-fleet-secret")
+    res = lmteam("worker", "--role", "aggregator", "--broker", redis_server.url, "--secret", "another",
+                 cwd=tmp_path, timeout=60)
+    assert res.returncode == 1 and "LMTEAM_SECRET differs" in res.stderr and "Traceback" not in res.stderr

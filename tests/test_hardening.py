@@ -1,0 +1,106 @@
+"""Faults against a real fleet: SIGKILLed workers, a Redis restart, a crashing task process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from broker.embedded import WorkerSpec
+from broker.jobs import JobRecord
+from broker.settings import FleetSettings
+from broker.store import Store
+from pipeline.fpld import drive, load_domains, local_fleet, prepare_data
+from tests.fleet import tiny_config, tiny_corpus
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    corpus = tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    cfg = tiny_config(corpus)
+    return corpus, prepare_data(cfg, load_domains(cfg))
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _run_in_thread(fn):
+    box: dict = {}
+
+    def target():
+        try:
+            box["report"] = fn()
+        except BaseException as e:  # surfaced by the test below
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def _merges_per_round(store: Store, job_id: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for e in JobRecord(store.r, job_id).events():
+        if e["type"] == "round_merged":
+            counts[e["round"]] = counts.get(e["round"], 0) + 1
+    return counts
+
+
+def test_sigkilled_node_worker_is_redelivered_after_restart(setup):
+    """SIGKILL a node worker's whole process group mid-task, restart it: its task runs again."""
+    corpus, data = setup
+    cfg = tiny_config(corpus, local_steps=400, quorum=4, round_timeout=90.0)
+    settings = FleetSettings(visibility_timeout=15)
+    with local_fleet(cfg, data, settings) as fleet:
+        store = Store.from_url(fleet.settings.backend_url)
+        fleet.wait_ready(store.r)
+        t, box = _run_in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-sigkill"))
+        assert _wait_for(lambda: store.node_state("fpld-sigkill", 0, "1").get("status") == "running", 60)
+        fleet.kill_worker("node1")
+        fleet.start_worker(WorkerSpec("node", 1, fleet.specs[1].data))  # what a restart policy does
+        t.join(180)
+        assert "error" not in box, box.get("error")
+        report = box["report"]
+        assert report["rounds"][0]["nodes"]["1"]["status"] == "merged"
+        assert int(report["rounds"][0]["node_metrics"]["1"]["attempts"]) == 2
+        assert _merges_per_round(store, "fpld-sigkill") == {0: 1}
+
+
+def test_crashing_task_process_is_redelivered(setup):
+    """A task whose process dies (os._exit) is re-queued at once and the round merges all nodes."""
+    corpus, data = setup
+    cfg = tiny_config(corpus, faults={"2": "crash"}, quorum=4, round_timeout=60.0)
+    with local_fleet(cfg, data, FleetSettings()) as fleet:
+        store = Store.from_url(fleet.settings.backend_url)
+        fleet.wait_ready(store.r)
+        report = drive(cfg, fleet.settings, data)
+        assert report["rounds"][0]["merged"] == 4
+        assert int(report["rounds"][0]["node_metrics"]["2"]["attempts"]) == 2
+
+
+def test_redis_restart_mid_job_loses_and_duplicates_nothing(setup):
+    """Restart Redis (append-only on) while nodes train: the job completes, one merge per round."""
+    corpus, data = setup
+    cfg = tiny_config(corpus, rounds=2, local_steps=300, quorum=4, round_timeout=120.0)
+    settings = FleetSettings(visibility_timeout=20)
+    with local_fleet(cfg, data, settings, appendonly=True) as fleet:
+        store = Store.from_url(fleet.settings.backend_url)
+        fleet.wait_ready(store.r)
+        t, box = _run_in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-restart"))
+        assert _wait_for(lambda: store.node_state("fpld-restart", 0, "0").get("status") == "running", 60)
+        fleet.redis.restart(down_s=1.0)
+        t.join(300)
+        assert "error" not in box, box.get("error")
+        report = box["report"]
+        assert [r["merged"] for r in report["rounds"]] == [4, 4]
+        assert _merges_per_round(store, "fpld-restart") == {0: 1, 1: 1}
+        assert JobRecord(store.r, "fpld-restart").get()["status"] == "succeeded"
