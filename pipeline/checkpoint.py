@@ -34,6 +34,13 @@ def model_to_bytes(model: GPT) -> bytes:
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
+    meta = _read_metadata_raw(data)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"checkpoint is not an {FORMAT} model (metadata: {sorted(meta)})")
+    return meta
+
+
+def _read_metadata_raw(data: bytes) -> dict[str, str]:
     # safetensors.torch.load() discards the metadata, so read the header ourselves:
     # an 8-byte little-endian length, then that many bytes of JSON.
     if len(data) < 8:
@@ -45,10 +52,7 @@ def _read_metadata(data: bytes) -> dict[str, str]:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"not a safetensors checkpoint: bad header ({e})") from None
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"checkpoint is not an {FORMAT} model (metadata: {sorted(meta)})")
-    return meta
+    return header.get("__metadata__") or {}
 
 
 def model_from_bytes(data: bytes) -> GPT:

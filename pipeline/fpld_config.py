@@ -34,6 +34,8 @@ class FPLDConfig:
     """seconds from dispatch to the round's deadline; later payloads are dropped"""
     # training
     local_steps: int = 150
+    checkpoint_every: int = 50
+    """local training saves node-local state every N steps; a redelivered task resumes there"""
     distill_steps: int = 150
     batch_size: int = 16
     lr: float = 3e-3
@@ -79,7 +81,7 @@ class FPLDConfig:
         need(1 <= self.effective_quorum <= self.nodes,
              f"--quorum must be between 1 and --nodes ({self.nodes}), got {self.effective_quorum}")
         need(self.round_timeout > 0, f"--round-timeout must be positive, got {self.round_timeout}")
-        for name in ("local_steps", "distill_steps", "batch_size", "probe_seqs", "eval_seqs", "block_size",
+        for name in ("local_steps", "checkpoint_every", "distill_steps", "batch_size", "probe_seqs", "eval_seqs", "block_size",
                      "n_layer", "n_head", "n_embd"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
         need(self.n_embd % self.n_head == 0, "--n-embd must be a multiple of --n-head")

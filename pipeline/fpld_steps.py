@@ -10,6 +10,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from pipeline.aggregate import mean_logits
 from pipeline.checkpoint import model_from_bytes, model_to_bytes
 from pipeline.fpld_config import FPLDConfig
 from pipeline.model import GPT, GPTConfig
-from pipeline.train import distill, mean_kl, perplexity, probe_logits, train_lm
+from pipeline.train import Checkpointing, distill, mean_kl, perplexity, probe_logits, train_lm
+from pipeline.train_state import load_state, save_state
 
 Progress = Callable[[int, float], None]
 
@@ -56,12 +58,21 @@ class NodeOutput:
 
 def node_round(cfg: FPLDConfig, *, job: str, rnd: int, node: str, student: bytes, private: np.ndarray,
                probe: torch.Tensor, eval_windows: torch.Tensor | None, secret: bytes,
-               progress: Progress | None = None) -> NodeOutput:
-    """Fine-tune the broadcast student on private text, then send B-bit logits on the probe set."""
+               progress: Progress | None = None, checkpoint: Path | None = None) -> NodeOutput:
+    """Fine-tune the broadcast student on private text, then send B-bit logits on the probe set.
+
+    With `checkpoint` (a node-local file), local training saves its state every
+    cfg.checkpoint_every steps and a redelivered task resumes from it.
+    """
     t0, cpu0 = time.perf_counter(), time.process_time()
-    model = model_from_bytes(student)
+    state = load_state(checkpoint) if checkpoint else None
+    model = state.model if state else model_from_bytes(student)
+    ckpt = Checkpointing(
+        every=cfg.checkpoint_every if checkpoint else 0,
+        save=(lambda step, opt: save_state(checkpoint, step, model, opt)) if checkpoint else None,
+        resume_step=state.step if state else 0, resume_optimizer=state.optimizer if state else None)
     losses = train_lm(model, private, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                      seed=derive_seed(job, rnd, node, "train"), progress=progress)
+                      seed=derive_seed(job, rnd, node, "train"), progress=progress, checkpointing=ckpt)
     t1 = time.perf_counter()
     logits = probe_logits(model, probe)  # (probe_seqs * block_size, V)
     t2 = time.perf_counter()
@@ -69,7 +80,8 @@ def node_round(cfg: FPLDConfig, *, job: str, rnd: int, node: str, student: bytes
                             clip=cfg.clip, dither_seed=derive_seed(job, rnd, node, "dither") if cfg.dither else None,
                             compress=cfg.compress)
     t3 = time.perf_counter()
-    metrics = {"train_loss": float(np.mean(losses[-10:])), "t_train": t1 - t0, "t_logits": t2 - t1,
+    metrics = {"train_loss": float(np.mean(losses[-10:])) if losses else float("nan"), "t_train": t1 - t0,
+               "resumed_from": state.step if state else 0, "t_logits": t2 - t1,
                "t_encode": t3 - t2, "payload_bytes": len(payload), "float32_bytes": logits.size * 4}
     if eval_windows is not None:
         metrics["local_ppl"] = perplexity(model, eval_windows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +42,17 @@ def _optimizer(model: GPT, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
+@dataclass
+class Checkpointing:
+    """Resume from `resume` (a step and an optimizer state_dict; the model is already restored)
+    and call `save(step, optimizer)` every `every` steps."""
+
+    every: int = 0
+    save: Callable[[int, torch.optim.Optimizer], None] | None = None
+    resume_step: int = 0
+    resume_optimizer: dict | None = None
+
+
 def _run(
     model: GPT,
     loss_fn: Callable[[np.random.Generator], torch.Tensor],
@@ -49,17 +61,23 @@ def _run(
     seed: int,
     progress: Progress | None,
     log_every: int,
+    ckpt: Checkpointing | None = None,
 ) -> list[float]:
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    rng = np.random.default_rng(seed)
+    ckpt = ckpt or Checkpointing()
     opt = _optimizer(model, lr)
+    if ckpt.resume_optimizer is not None:
+        opt.load_state_dict(ckpt.resume_optimizer)
     losses: list[float] = []
     was_training = model.training
     model.train()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for step in range(steps):
+        for step in range(ckpt.resume_step, steps):
+            # Randomness depends on (seed, step) only, so a run resumed at any step draws the
+            # same batches (and dropout masks) as an uninterrupted one.
+            rng = np.random.default_rng([seed, step])
+            torch.manual_seed((seed * 1_000_003 + step) % 2**63)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, lr)
             loss = loss_fn(rng)
@@ -70,6 +88,8 @@ def _run(
             losses.append(loss.item())
             if progress is not None and (step % log_every == 0 or step == steps - 1):
                 progress(step, losses[-1])
+            if ckpt.save is not None and ckpt.every and (step + 1) % ckpt.every == 0 and step + 1 < steps:
+                ckpt.save(step + 1, opt)
     model.train(was_training)
     return losses
 
@@ -84,10 +104,12 @@ def train_lm(
     seed: int = 0,
     progress: Progress | None = None,
     log_every: int = 10,
+    checkpointing: Checkpointing | None = None,
 ) -> list[float]:
-    """Next-token training with AdamW on random windows of tokens; returns the loss of every step.
+    """Next-token training with AdamW on random windows of tokens; returns the loss of every step run.
 
-    progress(step, loss) is called every log_every steps and after the last one.
+    progress(step, loss) is called every log_every steps and after the last one; `checkpointing`
+    makes the run resumable (see pipeline/train_state.py).
     """
     block_size = model.config.block_size
     windows(tokens, block_size)  # fail fast with CorpusError if tokens cannot fill one window
@@ -97,7 +119,7 @@ def train_lm(
         _, loss = model(batch[:, :-1], batch[:, 1:])
         return loss
 
-    return _run(model, loss_fn, steps, lr, seed, progress, log_every)
+    return _run(model, loss_fn, steps, lr, seed, progress, log_every, checkpointing)
 
 
 @torch.no_grad()

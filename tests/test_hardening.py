@@ -56,22 +56,25 @@ def _merges_per_round(store: Store, job_id: str) -> dict[int, int]:
 
 
 def test_sigkilled_node_worker_is_redelivered_after_restart(setup):
-    """SIGKILL a node worker's whole process group mid-task, restart it: its task runs again."""
+    """SIGKILL a node worker mid-training, restart it: the task is redelivered and resumes from its checkpoint."""
     corpus, data = setup
-    cfg = tiny_config(corpus, local_steps=400, quorum=4, round_timeout=90.0)
+    cfg = tiny_config(corpus, local_steps=600, checkpoint_every=50, quorum=4, round_timeout=90.0)
     settings = FleetSettings(visibility_timeout=15)
     with local_fleet(cfg, data, settings) as fleet:
         store = Store.from_url(fleet.settings.backend_url)
         fleet.wait_ready(store.r)
         t, box = _run_in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-sigkill"))
-        assert _wait_for(lambda: store.node_state("fpld-sigkill", 0, "1").get("status") == "running", 60)
+        # kill once the first checkpoint (step 50) is on disk
+        assert _wait_for(lambda: int(store.node_state("fpld-sigkill", 0, "1").get("step", 0)) >= 60, 60)
         fleet.kill_worker("node1")
         fleet.start_worker(WorkerSpec("node", 1, fleet.specs[1].data))  # what a restart policy does
         t.join(180)
         assert "error" not in box, box.get("error")
         report = box["report"]
         assert report["rounds"][0]["nodes"]["1"]["status"] == "merged"
-        assert int(report["rounds"][0]["node_metrics"]["1"]["attempts"]) == 2
+        metrics = report["rounds"][0]["node_metrics"]["1"]
+        assert int(metrics["attempts"]) == 2
+        assert int(metrics["resumed_from"]) >= 50  # training resumed from its checkpoint, not step 0
         assert _merges_per_round(store, "fpld-sigkill") == {0: 1}
 
 

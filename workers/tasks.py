@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from celery import signals
@@ -50,6 +51,11 @@ def private_tokens() -> np.ndarray:
     if not paths:
         raise RuntimeError("this worker holds no private data: start it with `lmteam worker --role node --data PATH`")
     return np.concatenate([d.tokens for d in load_corpus(paths)])
+
+
+def state_dir() -> Path:
+    """Node-local disk (LMTEAM_STATE_DIR): survives the worker process, unlike memory."""
+    return Path(os.environ.get("LMTEAM_STATE_DIR") or Path("lmteam-state") / os.environ.get("LMTEAM_WORKER_NAME", "worker"))
 
 
 def job_config(job_id: str) -> FPLDConfig:
@@ -111,11 +117,14 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
         def progress(step: int, loss: float) -> None:
             st.node_update(job_id, rnd, node, step=step, loss=round(loss, 4))
 
+        ckpt_path = state_dir() / "checkpoints" / f"{job_id}-r{rnd}-n{node}.safetensors"
+
         out = node_round(cfg, job=job_id, rnd=rnd, node=node, student=_blob(st, job_id, f"student/{rnd}"),
                          private=private_tokens(),
                          probe=windows_from_bytes(_blob(st, job_id, "probe"), cfg.block_size),
                          eval_windows=windows_from_bytes(_blob(st, job_id, "eval"), cfg.block_size),
-                         secret=secret(), progress=progress)
+                         secret=secret(), progress=progress, checkpoint=ckpt_path)
+        ckpt_path.unlink(missing_ok=True)
         payload = out.payload
         if fault and fault.kind == "slow":
             time.sleep(fault.arg)
