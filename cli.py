@@ -198,29 +198,58 @@ def worker(role, node_id, data, threads, state_dir, concurrency, loglevel, broke
                      "-l", loglevel, "-E", "--without-gossip", "--without-mingle"])
 
 
+flower_option = click.option("--flower-url", envvar="LMTEAM_FLOWER_URL", default="http://localhost:5555",
+                             show_default=True, help="Where the fleet's Flower runs (env LMTEAM_FLOWER_URL).")
+
+
 @main.command()
 @click.argument("job", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw job record.")
 @broker_option
+@flower_option
 @one_line_errors
-def status(job, broker) -> None:
-    """List recent jobs, or show one job's record (needs --broker or LMTEAM_BROKER_URL)."""
+def status(job, as_json, broker, flower_url) -> None:
+    """Workers and recent jobs, or one job's progress per round and node (reads the fleet's Redis)."""
     from broker.auth import connect_checked
     from broker.jobs import JobRecord, list_jobs
-    from workers.registry import live_queues
+    from pipeline.status import print_fleet, print_job
 
     if not broker:
         raise SettingsError("status reads a fleet's Redis: pass --broker redis://... or set LMTEAM_BROKER_URL")
     client = connect_checked(broker)
     if job is None:
-        for w in live_queues(client).values():
-            click.echo(f"worker {w['name']:<12} queue {w['queue']:<12} host {w['host']} pid {w['pid']}")
-        for job_id in list_jobs(client):
-            rec = JobRecord(client, job_id).get()
-            click.echo(f"{job_id}  {rec['kind']:<6} {rec['status']:<10} {rec.get('error', '')}")
+        print_fleet(client, list_jobs(client), flower_url)
         return
     rec = JobRecord(client, job).get()
-    rec.pop("report", None)
-    click.echo(json.dumps(rec, indent=2, default=str))
+    if as_json:
+        click.echo(json.dumps(rec, indent=2, default=str))
+        return
+    print_job(client, rec | {"id": job}, flower_url)
+
+
+@main.command()
+@click.option("--port", default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--basic-auth", envvar="FLOWER_BASIC_AUTH", required=True, metavar="USER:PASSWORD",
+              help="Flower login (env FLOWER_BASIC_AUTH); required, the dashboard can revoke tasks.")
+@broker_option
+@one_line_errors
+def flower(port, address, basic_auth, broker) -> None:
+    """Start Flower on the fleet: tasks are named by job, round and node (e.g. 'fpld node 2 r0 JOB')."""
+    from broker.auth import connect_checked
+
+    if not broker:
+        raise SettingsError("flower watches a fleet: pass --broker redis://... or set LMTEAM_BROKER_URL")
+    connect_checked(broker)
+    try:
+        import flower as _  # noqa: F401
+    except ImportError:
+        raise click.ClickException("Flower is not installed: pip install 'lmteam[flower]'") from None
+    os.environ["LMTEAM_BROKER_URL"] = broker
+    from broker.app import app, configure
+
+    configure(app, FleetSettings.from_env(broker_url=broker))
+    app.start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={basic_auth}"])
 
 
 if __name__ == "__main__":

@@ -57,27 +57,47 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server child process on loopback."""
 
-    def __init__(self, workdir: Path, password: str | None = None, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, appendonly: bool = False,
+                 tls: bool = False) -> None:
         self.workdir = workdir
         self.password = password if password is not None else secrets.token_hex(16)
         self.appendonly = appendonly
+        self.tls = tls
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
+        if self.tls:
+            ca = self.workdir / "tls-cert.pem"
+            return (f"rediss://:{self.password}@127.0.0.1:{self.port}/0"
+                    f"?ssl_cert_reqs=required&ssl_ca_certs={ca}")
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def _tls_args(self) -> list[str]:
+        """A throwaway self-signed certificate for 127.0.0.1 (TLS drills; real fleets bring their own)."""
+        cert, key = self.workdir / "tls-cert.pem", self.workdir / "tls-key.pem"
+        if not cert.exists():
+            openssl = shutil.which("openssl")
+            if openssl is None:
+                raise EmbeddedError("TLS needs the openssl command to make a test certificate")
+            subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                            "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         binary = find_redis_server()
         self.port = self.port or free_port()
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        ports = self._tls_args() if self.tls else ["--port", str(self.port)]
+        args = [binary, *ports, "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir),
                 "--requirepass", self.password, "--daemonize", "no", "--protected-mode", "yes",
                 "--logfile", str(self.workdir / "redis.log")]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -131,11 +151,11 @@ class EmbeddedFleet:
     """A private Redis plus local workers, for one CLI invocation (or one test)."""
 
     def __init__(self, workers: list[WorkerSpec], settings: FleetSettings | None = None,
-                 workdir: str | Path | None = None, appendonly: bool = False) -> None:
+                 workdir: str | Path | None = None, appendonly: bool = False, tls: bool = False) -> None:
         self.specs = workers
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lmteam-"))
-        self.redis = RedisServer(self.workdir, appendonly=appendonly)
+        self.redis = RedisServer(self.workdir, appendonly=appendonly, tls=tls)
         self.base = settings or FleetSettings()
         self.settings = self.base
         self.procs: dict[str, subprocess.Popen] = {}

@@ -80,7 +80,7 @@ def prepare_data(cfg: FPLDConfig, domains: list[Domain]) -> PublicData:
 
 @contextmanager
 def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, workdir: Path | None = None,
-                appendonly: bool = False):
+                appendonly: bool = False, tls: bool = False):
     """An embedded fleet whose node workers hold this job's private shards."""
     with tempfile.TemporaryDirectory(prefix="lmteam-shards-") as tmp:
         specs = []
@@ -89,7 +89,7 @@ def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, work
             path.write_bytes(shard.tobytes())
             specs.append(WorkerSpec("node", i, (str(path),)))
         specs.append(WorkerSpec("aggregator"))
-        with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly) as fleet:
+        with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly, tls=tls) as fleet:
             yield fleet
 
 

@@ -107,3 +107,16 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(setup):
         assert [r["merged"] for r in report["rounds"]] == [4, 4]
         assert _merges_per_round(store, "fpld-restart") == {0: 1, 1: 1}
         assert JobRecord(store.r, "fpld-restart").get()["status"] == "succeeded"
+
+
+def test_fleet_over_tls(setup):
+    """rediss:// end to end: broker, result store, job record and payloads all over TLS."""
+    corpus, data = setup
+    cfg = tiny_config(corpus, nodes=4, round_timeout=60.0)
+    with local_fleet(cfg, data, FleetSettings(), tls=True) as fleet:
+        assert fleet.settings.broker_url.startswith("rediss://")
+        store = Store.from_url(fleet.settings.backend_url)
+        fleet.wait_ready(store.r)
+        report = drive(cfg, fleet.settings, data)
+        assert report["rounds"][0]["merged"] == 4
+        assert report["settings"]["broker_url"].startswith("rediss://:***@")
