@@ -28,9 +28,10 @@ def fingerprint(secret: str) -> str:
 
 def connect_checked(url: str) -> redis.Redis:
     """A client that has answered PING, or FleetAuthError saying what is wrong."""
-    client = connect(url)
     try:
-        client.ping()
+        # One try, no retries: redis-py counts a wrong password as a connection error and would
+        # otherwise retry it for the whole outage window.
+        connect(url, outage_s=0).ping()
     except redis.exceptions.AuthenticationError:
         raise FleetAuthError("Redis refused the password in the broker URL (check LMTEAM_BROKER_URL)") from None
     except redis.exceptions.ResponseError as e:
@@ -39,7 +40,7 @@ def connect_checked(url: str) -> redis.Redis:
         raise
     except redis.exceptions.ConnectionError as e:
         raise FleetAuthError(f"cannot reach Redis at the broker URL: {str(e).splitlines()[0]}") from None
-    return client
+    return connect(url)
 
 
 def check_fleet_secret(client: redis.Redis, secret: str) -> None:

@@ -53,7 +53,7 @@ def connect(url: str, outage_s: float = 30.0) -> redis.Redis:
     """
     if url.startswith("redis+socket://"):
         url = "unix://" + url[len("redis+socket://"):]
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=max(1, int(outage_s)))
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=int(outage_s))
     return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
                                 retry=retry, retry_on_error=[redis.exceptions.ConnectionError,
                                                              redis.exceptions.TimeoutError])

@@ -42,12 +42,14 @@ def test_flower_and_status_show_the_job(tmp_path):
         flower = subprocess.Popen([sys.executable, "-m", "cli", "flower", "--port", str(port), "--basic-auth", "u:p"],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
         try:
-            for _ in range(100):  # Flower must be listening before the job so it sees every event
+            for _ in range(150):  # Flower must know every worker before the job so it sees every event
                 try:
-                    _get(f"http://127.0.0.1:{port}/api/workers", "u:p")
-                    break
+                    if len(_get(f"http://127.0.0.1:{port}/api/workers?refresh=1", "u:p")) >= 5:
+                        break
                 except OSError:
-                    time.sleep(0.2)
+                    pass
+                time.sleep(0.2)
+            time.sleep(1.0)
             report = drive(cfg, fleet.settings, data)
             job = report["job"]
             names: set[str] = set()
