@@ -22,6 +22,11 @@ from broker.settings import FleetSettings
 AGGREGATOR_QUEUE = "aggregator"
 EXPERT_QUEUE = "experts"
 
+# Task names are the protocol between submitters and workers: submitters send by name and never
+# import the task code (nor torch) to do it.
+FPLD_NODE_TASK = "lmteam.fpld.node_round"
+FPLD_AGGREGATE_TASK = "lmteam.fpld.aggregate_round"
+
 
 def node_queue(node_id: int | str) -> str:
     """A node's own queue: only the worker holding that node's private data consumes it."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from celery import Celery
 
-from broker.app import AGGREGATOR_QUEUE, client_app, node_queue
+from broker.app import AGGREGATOR_QUEUE, FPLD_AGGREGATE_TASK, FPLD_NODE_TASK, client_app, node_queue
 from broker.auth import check_fleet_secret, connect_checked
 from broker.embedded import EmbeddedFleet, WorkerSpec
 from broker.jobs import JobRecord, JobStatus, new_job_id
@@ -31,9 +31,6 @@ from pipeline.progress import NullProgress
 from pipeline.team_metrics import NodeSpan, RoundTiming, team_metrics
 from pipeline.train import perplexity
 from workers.registry import live_queues
-
-NODE_ROUND = "lmteam.fpld.node_round"
-AGGREGATE_ROUND = "lmteam.fpld.aggregate_round"
 
 
 class JobFailed(RuntimeError):
@@ -156,9 +153,9 @@ def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int
     job.event("round_start", round=rnd, deadline=deadline)
     progress.round_started(rnd, cfg.rounds, nodes, cfg.local_steps, cfg.distill_steps)
     for node in nodes:
-        app.send_task(NODE_ROUND, args=[job.id, rnd, node], queue=node_queue(node),
+        app.send_task(FPLD_NODE_TASK, args=[job.id, rnd, node], queue=node_queue(node),
                       shadow=f"fpld node {node} r{rnd} {job.id}")
-    app.send_task(AGGREGATE_ROUND, args=[job.id, rnd, deadline], queue=AGGREGATOR_QUEUE,
+    app.send_task(FPLD_AGGREGATE_TASK, args=[job.id, rnd, deadline], queue=AGGREGATOR_QUEUE,
                   shadow=f"fpld aggregate r{rnd} {job.id}")
     # The aggregator decides the round; we only watch. Allow it time to distill after the deadline.
     give_up = time.monotonic() + cfg.round_timeout + 600 + 20 * cfg.distill_steps

@@ -17,19 +17,16 @@ from celery import signals
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
-from broker.app import app, settings_of
+from broker.app import FPLD_AGGREGATE_TASK, FPLD_NODE_TASK, app, settings_of
 from broker.codec import PayloadError, decode_logits, encode_logits
 from broker.jobs import JobRecord, NodeStatus
 from broker.store import Store
 from pipeline.aggregate import QuorumError, check_quorum
-from pipeline.faults import PAYLOAD_KINDS, mangle, parse_faults
+from pipeline.faults import PAYLOAD_KINDS, Fault, mangle, parse_faults
 from pipeline.fpld_config import FPLDConfig
 from workers import registry
 
 log = get_task_logger(__name__)
-
-NODE_ROUND = "lmteam.fpld.node_round"
-AGGREGATE_ROUND = "lmteam.fpld.aggregate_round"
 
 
 @cache
@@ -88,7 +85,7 @@ def _unregister(sender: object = None, **_: object) -> None:
 
 # --- FPLD -------------------------------------------------------------------------------------
 
-@app.task(bind=True, name=NODE_ROUND, max_retries=None)
+@app.task(bind=True, name=FPLD_NODE_TASK, max_retries=None)
 def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
     """Fine-tune on private data, send quantized probe logits. Returns a small receipt."""
     from pipeline.fpld_steps import node_round, windows_from_bytes
@@ -107,12 +104,8 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
         mine = os.environ.get("LMTEAM_NODE_ID")
         if mine is not None and mine != node:
             raise RuntimeError(f"task for node {node} reached the worker of node {mine}: check queue routing")
-        fault = parse_faults(cfg.faults).get(node)
-        fault = fault if fault and fault.fires(rnd) else None
-        if fault and fault.kind == "crash" and attempt == 1:
-            os._exit(1)  # the worker process dies mid-task; acks_late + reject_on_worker_lost redeliver it
-        if fault and fault.kind == "raise" and self.request.retries < fault.arg:
-            raise RuntimeError(f"injected fault: raise on attempt {self.request.retries + 1}")
+        fault = _fault_for(cfg, node, rnd)
+        _inject_before_work(fault, attempt, self.request.retries)
 
         def progress(step: int, loss: float) -> None:
             st.node_update(job_id, rnd, node, step=step, loss=round(loss, 4))
@@ -125,11 +118,7 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
                          eval_windows=windows_from_bytes(_blob(st, job_id, "eval"), cfg.block_size),
                          secret=secret(), progress=progress, checkpoint=ckpt_path)
         ckpt_path.unlink(missing_ok=True)
-        payload = out.payload
-        if fault and fault.kind == "slow":
-            time.sleep(fault.arg)
-        if fault and fault.kind in PAYLOAD_KINDS:
-            payload = mangle(payload, fault, secret())
+        payload = _inject_before_send(fault, out.payload)
         if out.full_logits is not None:
             st.put_blob(job_id, f"diag/{rnd}/{node}",
                         encode_logits(out.full_logits, secret=secret(), job=job_id, round=rnd, node=node, bits=32))
@@ -150,6 +139,26 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
         return _node_failed(job, st, rnd, node, _one_line(e))
 
 
+def _fault_for(cfg: FPLDConfig, node: str, rnd: int) -> Fault | None:
+    fault = parse_faults(cfg.faults).get(node)
+    return fault if fault and fault.fires(rnd) else None
+
+
+def _inject_before_work(fault: Fault | None, attempt: int, retries: int) -> None:
+    if fault and fault.kind == "crash" and attempt == 1:
+        os._exit(1)  # the worker process dies mid-task; acks_late + reject_on_worker_lost redeliver it
+    if fault and fault.kind == "raise" and retries < fault.arg:
+        raise RuntimeError(f"injected fault: raise on attempt {retries + 1}")
+
+
+def _inject_before_send(fault: Fault | None, payload: bytes) -> bytes:
+    if fault and fault.kind == "slow":
+        time.sleep(fault.arg)
+    if fault and fault.kind in PAYLOAD_KINDS:
+        return mangle(payload, fault, secret())
+    return payload
+
+
 def _node_failed(job: JobRecord, st: Store, rnd: int, node: str, error: str) -> dict:
     st.node_update_if_open(job.id, rnd, node, status=NodeStatus.FAILED.value, error=error, finished_at=time.time())
     job.event("node_failed", round=rnd, node=node, error=error)
@@ -157,7 +166,7 @@ def _node_failed(job: JobRecord, st: Store, rnd: int, node: str, error: str) -> 
     return {"node": node, "round": rnd, "status": "failed", "error": error}
 
 
-@app.task(bind=True, name=AGGREGATE_ROUND, max_retries=None)
+@app.task(bind=True, name=FPLD_AGGREGATE_TASK, max_retries=None)
 def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
     """Wait for the nodes until the deadline, seal the round, merge what arrived, distill."""
     st = store()
