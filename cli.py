@@ -252,5 +252,14 @@ def flower(port, address, basic_auth, broker) -> None:
     app.start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={basic_auth}"])
 
 
+def _register_commands() -> None:
+    # Each job kind keeps its commands next to its code; the CLI only assembles them.
+    from pipeline.report_cli import report
+
+    main.add_command(report)
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()
