@@ -32,7 +32,7 @@ def one_line_errors(fn):
         from broker.jobs import UnknownJob
         from pipeline.data import CorpusError
         from pipeline.fpld import JobFailed
-        from pipeline.fpld_config import ConfigError
+        from pipeline.job_config import ConfigError
 
         try:
             return fn(*args, **kwargs)
@@ -119,7 +119,8 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
     """
     from broker.jobs import new_job_id
     from pipeline.fpld import run_fpld
-    from pipeline.fpld_config import ConfigError, FPLDConfig
+    from pipeline.fpld_config import FPLDConfig
+    from pipeline.job_config import ConfigError
     from pipeline.progress import NullProgress, RichProgress
     from pipeline.report import print_fpld_summary
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from pipeline.aggregate import default_quorum
 from pipeline.faults import parse_faults
-
-
-class ConfigError(ValueError):
-    """A job option is out of range; the message names the option and the allowed values."""
+from pipeline.job_config import ConfigError, parse_config
 
 
 @dataclass
@@ -100,30 +96,4 @@ class FPLDConfig:
     @classmethod
     def from_dict(cls, d: object) -> FPLDConfig:
         """Strict: unknown keys and wrong types are errors (a typo must not become a default)."""
-        if not isinstance(d, dict):
-            raise ConfigError("job config must be a mapping")
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise ConfigError(f"unknown FPLD option(s): {', '.join(unknown)}")
-        for key, value in d.items():
-            if not _has_type(value, known[key]):
-                raise ConfigError(f"FPLD option {key} must be {known[key]}, got {type(value).__name__}")
-        return cls(**d).validate()
-
-
-def _has_type(value: object, annotation: str) -> bool:
-    """Check a JSON value against a field annotation (kept as a string by `from __future__`)."""
-    if annotation == "int | None":
-        return value is None or _has_type(value, "int")
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "list[str]":
-        return isinstance(value, list) and all(isinstance(x, str) for x in value)
-    if annotation == "dict[str, str]":
-        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-    raise TypeError(f"no type check for annotation {annotation!r}")
+        return parse_config(cls, d, "FPLD")
