@@ -255,9 +255,11 @@ def flower(port, address, basic_auth, broker) -> None:
 
 def _register_commands() -> None:
     # Each job kind keeps its commands next to its code; the CLI only assembles them.
+    from pipeline.rag_cli import rag
     from pipeline.report_cli import report
 
     main.add_command(report)
+    main.add_command(rag)
 
 
 _register_commands()
