@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,17 @@ PLAN = [
     (12.5, 21.0, 23.0, {"0": (12.6, 20.0, "merged", 0), "1": (12.7, 18.0, "rejected", 0),
                         "2": (13.0, 21.0, "merged", 0)}),
 ]
+
+
+@contextlib.contextmanager
+def _chdir(path: Path):
+    """Run a CLI call from `path` (the report command looks up runs/<job> relative to the cwd)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(old)
 
 
 def _node(start: float, finish: float | None, status: str, retries: int) -> tuple[dict, dict]:
@@ -120,7 +133,7 @@ def test_rag_report_without_timings_plots_coverage(tmp_path):
 
 
 def test_cli_renders_a_job_id_and_a_path(tmp_path):
-    with CliRunner().isolated_filesystem(temp_dir=tmp_path) as cwd:
+    with _chdir(tmp_path) as cwd:
         run = Path(cwd) / "runs" / "fpld-test-1"
         run.mkdir(parents=True)
         (run / "report.json").write_text(json.dumps(fake_fpld_report()))
@@ -133,7 +146,7 @@ def test_cli_renders_a_job_id_and_a_path(tmp_path):
 
 
 def test_cli_unknown_job_fails_in_one_line(tmp_path):
-    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+    with _chdir(tmp_path):
         res = CliRunner().invoke(report_cmd, ["no-such-job"], env=NO_BROKER)
     assert res.exit_code == 1
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
@@ -145,7 +158,7 @@ def test_cli_reads_the_report_from_the_fleet_redis(tmp_path, redis_server, redis
 
     rep = fake_fpld_report()
     JobRecord.create(redis_client, rep["job"], "fpld", rep["config"], {}).set(report=rep)
-    with CliRunner().isolated_filesystem(temp_dir=tmp_path) as cwd:
+    with _chdir(tmp_path) as cwd:
         res = CliRunner().invoke(report_cmd, [rep["job"], "--broker", redis_server.url])
         assert res.exit_code == 0, res.output
         assert (Path(cwd) / "runs" / rep["job"] / "report.html").is_file()
