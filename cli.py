@@ -257,9 +257,12 @@ def _register_commands() -> None:
     # Each job kind keeps its commands next to its code; the CLI only assembles them.
     from pipeline.rag_cli import rag
     from pipeline.report_cli import report
+    from pipeline.smalltalk_cli import generate, smalltalk
 
     main.add_command(report)
     main.add_command(rag)
+    main.add_command(smalltalk)
+    main.add_command(generate)
 
 
 _register_commands()

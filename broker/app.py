@@ -86,5 +86,5 @@ def client_app(settings: FleetSettings) -> Celery:
     return configure(Celery("lmteam-client", set_as_current=False), settings)
 
 
-app = Celery("lmteam", include=["workers.tasks", "workers.rag_tasks"])
+app = Celery("lmteam", include=["workers.tasks", "workers.rag_tasks", "workers.smalltalk_tasks"])
 configure(app, FleetSettings.from_env())

@@ -122,6 +122,34 @@ def train_lm(
     return _run(model, loss_fn, steps, lr, seed, progress, log_every, checkpointing)
 
 
+def train_sequences(
+    model: GPT,
+    seqs: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: Progress | None = None,
+    log_every: int = 10,
+    checkpointing: Checkpointing | None = None,
+) -> list[float]:
+    """As train_lm, but batches are random rows of a fixed set of sequences seqs (N, L+1), L <= block_size.
+
+    For models that must see whole sequences of their own set (SmallTalk's experts train on the
+    sequences routed to them, its routers on those sequences' prefixes), not windows of a stream.
+    """
+    if seqs.ndim != 2 or len(seqs) == 0 or seqs.shape[1] < 2:
+        raise ValueError(f"need a non-empty (N, L+1) tensor of sequences, got shape {tuple(seqs.shape)}")
+
+    def loss_fn(rng: np.random.Generator) -> torch.Tensor:
+        batch = seqs[torch.from_numpy(rng.integers(0, len(seqs), size=batch_size))]  # (B, L+1)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        return loss
+
+    return _run(model, loss_fn, steps, lr, seed, progress, log_every, checkpointing)
+
+
 @torch.no_grad()
 def probe_logits(model: GPT, probe: torch.Tensor) -> np.ndarray:
     """Logits at every input position of probe[:, :-1], float32 of shape (n * block_size, vocab)."""

@@ -1,0 +1,279 @@
+"""SmallTalk LM (arXiv 2410.03529) on four text domains: 4 routed experts vs the FLOPs-matched dense model.
+
+    python bench/smalltalk.py            # ~10-15 minutes on 2 CPU cores; writes bench/results/smalltalk.json
+
+Domains (480 KB each, so balanced clusters can be pure): Shakespeare, Grimm's fairy tales and
+WikiText-2 from ../shared/data/corpora, and Python standard-library source (the built-in corpus's
+"code" domain). Sequences are 129-byte windows; each keeps its source label for purity only.
+
+1. Main run, on an embedded fleet (private Redis, an expert and an aggregator worker): router EM
+   (12 rounds of fresh sequences, balanced assignment), 4 experts and the dense baseline as
+   independent tasks. The dense model has one expert's size and the mixture's training FLOPs as
+   the issue defines it: E x the steps of one expert at the same batch. The paper's own matching
+   (Table 2: the same steps at E x the batch) is trained too, in-process.
+2. Routing ablation, in-process with the same functions: prefix M in {8, 32, 128} x {SmallTalk
+   routers, c-BTM-style TF-IDF + balanced k-means, random}. Ablation experts train for 300 steps
+   (time budget), so compare its rows with each other, not with the main table.
+
+Result of the run in bench/results/smalltalk.json (9.4 min on the shared 2-core machine; a rerun
+gave the same numbers to the last digit):
+
+    model                                        ppl  after prefix   train FLOPs
+    mixture (routed, one expert runs)          6.710         6.744     5.932e+12
+    dense, E x steps (the issue)               5.066         4.966     5.725e+12
+    dense, E x batch (the paper, Table 2)      6.305         6.209     5.725e+12
+    oracle routing (bound, runs every expert)  6.457
+    routing cost 6.16% of an expert's inference; router/expert size 6.4%; purity 0.763
+      cluster 0: 3534 sequences, grimm 66%        cluster 1: 3534 sequences, shakespeare 64%
+      cluster 2: 3534 sequences, wikitext 84%     cluster 3: 3534 sequences, code 92%
+
+    routing ablation (experts 300 steps)   M     ppl   train purity   held-out routing purity
+    random                                 -   12.905      0.260          0.285
+    smalltalk                              8   12.358      0.387          0.395
+    tfidf                                  8   12.812      0.376          0.404
+    smalltalk                             32   10.675      0.773          0.814
+    tfidf                                 32   11.307      0.603          0.639
+    smalltalk                            128   10.023      0.992          0.996
+    tfidf                                128   10.076      0.973          0.994
+
+Closing note: the mixture did NOT beat the dense model. Against the issue's FLOPs match (E x the
+steps) it is 32.5% worse (6.710 vs 5.066); against the paper's own match (E x the batch, same
+steps) 6.4% worse (6.710 vs 6.305). The paper's -8.5% at 335M x 4 is not reproduced at this scale:
+each expert saw about 18 tokens per parameter, where the paper's saw about 100 without repetition,
+and undertrained small models gain more from optimizer steps than from specialising; even oracle
+routing among the trained experts (6.457) stays behind both dense models. What does reproduce is
+the routing side: SmallTalk's prefix routers beat c-BTM-style TF-IDF + balanced k-means at M = 8
+(12.36 vs 12.81) and M = 32 (10.67 vs 11.31), tie at M = 128 (10.02 vs 10.08), all beat random
+routing (12.91), and a longer prefix routes better; routing costs 6.2% of one expert's inference
+(the paper: 1.3%; our experts are tiny, so a router is 6.4% of one instead of ~1%).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.settings import FleetSettings  # noqa: E402
+from pipeline.balanced_assignment import random_balanced  # noqa: E402
+from pipeline.data import default_corpus  # noqa: E402
+from pipeline.routing import fit_tfidf_router, prefix_losses, random_routing, route  # noqa: E402
+from pipeline.smalltalk import run_smalltalk  # noqa: E402
+from pipeline.smalltalk_config import DENSE, SmallTalkConfig  # noqa: E402
+from pipeline.smalltalk_data import load_domains, prepare_data  # noqa: E402
+from pipeline.smalltalk_eval import cluster_stats, evaluate_mixture, token_nll  # noqa: E402
+from pipeline.smalltalk_steps import local_em, new_expert, seed_of, train_expert  # noqa: E402
+
+CORPORA = ROOT.parent / "shared" / "data" / "corpora"
+RESULT = ROOT / "bench" / "results" / "smalltalk.json"
+PER_DOMAIN = 480_000
+THREADS = 2
+PREFIXES = (8, 32, 128)
+
+# EM: 12 rounds of 1100 fresh sequences (the pool holds 14k), 150 router steps a round; picked from
+# five settings tried in-process by the training clusters' purity (6-12 rounds, 150-300 steps,
+# widths 16/32): more rounds helped, longer or wider router training did not.
+CONFIG = dict(experts=4, prefix=32, em_rounds=12, router_seqs=1100, router_steps=150, router_embd=16,
+              router_layer=1, router_head=2, expert_steps=1000, checkpoint_every=200, batch_size=16, lr=3e-3,
+              block_size=128, n_layer=2, n_head=4, n_embd=64, eval_seqs=512, dense=True, dense_match="steps")
+ABLATION_STEPS = 300
+
+
+def write_corpus(directory: Path) -> list[str]:
+    """Four equal-size domains as files (the two WikiText-2 files are one source)."""
+    texts = {
+        "shakespeare": (CORPORA / "shakespeare.txt").read_bytes(),
+        "grimm": (CORPORA / "grimm.txt").read_bytes(),
+        "wikitext": (CORPORA / "wikitext2-valid.txt").read_bytes() + (CORPORA / "wikitext2-test.txt").read_bytes(),
+        "code": next(d for d in default_corpus(PER_DOMAIN) if d.name == "code").tokens.tobytes(),
+    }
+    paths = []
+    for name, data in texts.items():
+        path = directory / f"{name}.txt"
+        path.write_bytes(data[:PER_DOMAIN])
+        paths.append(str(path))
+    return paths
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def train_experts(cfg: SmallTalkConfig, data, assign: np.ndarray) -> list:
+    experts = []
+    for e in range(cfg.experts):
+        model = new_expert(cfg)
+        train_expert(cfg, str(e), model, data.train[torch.from_numpy(np.nonzero(assign == e)[0])])
+        experts.append(model)
+    return experts
+
+
+def ablation_row(cfg: SmallTalkConfig, data, method: str, prefix: int, assign: np.ndarray, routing: np.ndarray,
+                 t0: float) -> dict:
+    experts = train_experts(cfg, data, assign)
+    ev = evaluate_mixture(experts, [], data.eval, data.eval_labels, data.domains, prefix, routing=routing)
+    purity = cluster_stats(assign, data.labels, data.domains, cfg.experts)["purity"]
+    eval_purity = cluster_stats(routing, data.eval_labels, data.domains, cfg.experts)["purity"]
+    row = {"method": method, "prefix": prefix, "ppl": ev["ppl"], "ppl_after_prefix": ev["ppl_after_prefix"],
+           "oracle_ppl": ev["oracle_ppl"], "train_purity": purity, "eval_routing_purity": eval_purity,
+           "eval_load": ev["load"], "s": time.time() - t0}
+    say(f"ablation {method:<9} M={prefix:<3}: ppl {row['ppl']:.3f}, train purity {purity:.2f}, "
+        f"held-out routing purity {eval_purity:.2f} ({row['s']:.0f}s)")
+    return row
+
+
+def ablation(cfg: SmallTalkConfig, data) -> list[dict]:
+    cfg = replace(cfg, expert_steps=ABLATION_STEPS, dense=False)
+    rows = []
+    t0 = time.time()
+    n = len(data.train)
+    rows.append(ablation_row(cfg, data, "random", 1, random_balanced(n, cfg.experts, seed_of(cfg.seed, "rand")),
+                             random_routing(len(data.eval), cfg.experts, seed_of(cfg.seed, "rand-eval")), t0))
+    fit = data.train[torch.from_numpy(np.concatenate(data.em_sets)[:4000])]
+    for m in PREFIXES:
+        cm = replace(cfg, prefix=m)
+        t0 = time.time()
+        routers, assign, _ = local_em(cm, data.train, data.em_sets)
+        routing = route(prefix_losses(routers, data.eval, m))
+        rows.append(ablation_row(cm, data, "smalltalk", m, assign, routing, t0))
+        t0 = time.time()
+        tfidf = fit_tfidf_router(fit, cm.experts, m, seed=cm.seed)
+        rows.append(ablation_row(cm, data, "tfidf", m, tfidf.assign_balanced(data.train), tfidf.route(data.eval), t0))
+    return rows
+
+
+def paper_dense(cfg: SmallTalkConfig, data) -> dict:
+    """The paper's FLOPs matching: one expert's steps at E x the batch, same data."""
+    cb = replace(cfg, dense_match="batch")
+    model = new_expert(cb)
+    t0 = time.time()
+    train_expert(cb, DENSE, model, data.train)
+    nll = token_nll(model, data.eval)
+    return {"steps": cb.dense_steps, "batch_size": cb.dense_batch, "ppl": float(math.exp(nll.mean())),
+            "ppl_after_prefix": float(math.exp(nll[:, cfg.prefix - 1:].mean())), "s": time.time() - t0}
+
+
+def main() -> None:
+    global ABLATION_STEPS
+    quick = "--quick" in sys.argv  # a smoke run of the whole bench in about a minute; writes nothing
+    if quick:
+        CONFIG.update(expert_steps=30, router_steps=10, em_rounds=2, eval_seqs=64)
+        ABLATION_STEPS = 10
+    torch.set_num_threads(THREADS)
+    t_all = time.time()
+    with tempfile.TemporaryDirectory(prefix="lmteam-smalltalk-bench-") as tmp:
+        corpus = write_corpus(Path(tmp))
+        cfg = SmallTalkConfig(**CONFIG, corpus=corpus).validate()
+        data = prepare_data(cfg, load_domains(cfg))
+        say(f"{len(data.train)} training and {len(data.eval)} held-out sequences from {', '.join(data.domains)}")
+        t0 = time.time()
+        report = run_smalltalk(cfg, FleetSettings(), Path(tmp) / "run", say=say, threads=THREADS)
+        t_fleet = time.time() - t0
+        say(f"fleet run done in {t_fleet:.0f}s: mixture {report['summary']['mixture_ppl']:.3f}, "
+            f"dense {report['summary']['dense_ppl']:.3f}")
+        batch_dense = paper_dense(cfg, data)
+        say(f"paper-style dense (batch x{cfg.experts}): ppl {batch_dense['ppl']:.3f} ({batch_dense['s']:.0f}s)")
+        rows = ablation(cfg, data)
+    s, fl = report["summary"], report["flops"]
+    result = {
+        "what": "SmallTalk LM: 4 prefix-routed experts vs a dense model of one expert's size, same training FLOPs",
+        "experts": cfg.experts, "prefix": cfg.prefix, "domains": data.domains,
+        "mixture_ppl": s["mixture_ppl"], "dense_ppl": s["dense_ppl"], "ppl_change_vs_dense": s["ppl_change"],
+        "mixture_ppl_after_prefix": s["mixture_ppl_after_prefix"], "dense_ppl_after_prefix": s["dense_ppl_after_prefix"],
+        "oracle_routing_ppl": s["oracle_ppl"],
+        "dense_batch_matched": batch_dense,
+        "train_flops_mixture": fl["train_flops_mixture"], "train_flops_dense": fl["train_flops_dense"],
+        "train_flops_dense_batch_matched": fl["train_flops_dense"],  # same FLOPs, other shape
+        "flops": fl, "routing_cost_fraction": fl["routing_cost_fraction"],
+        "purity": s["purity"],
+        "clusters": [{"expert": c["expert"], "size": c["size"], "dominant": c["dominant"], "purity": c["purity"],
+                      "domains": c["domains"]} for c in report["clusters"]["clusters"]],
+        "eval_per_domain": report["eval"]["per_domain"], "em_rounds": report["em"],
+        "ablation": {"expert_steps": ABLATION_STEPS, "rows": rows},
+        "config": {k: v for k, v in cfg.to_dict().items() if k != "corpus"},
+        "tasks": report["tasks"], "fleet_wall_s": t_fleet, "wall_s": time.time() - t_all,
+        "machine": f"{torch.get_num_threads()} torch threads, CPU only, shared 2-core machine",
+    }
+    result["closing_note"] = closing_note(result)
+    print_table(result)
+    print("\n" + result["closing_note"])
+    if not quick:
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(json.dumps(result, indent=2))
+        print(f"results: {RESULT}")
+
+
+def closing_note(r: dict) -> str:
+    """The verdict in words, computed from the numbers so that it cannot disagree with the table."""
+    steps = r["mixture_ppl"] / r["dense_ppl"] - 1.0
+    batch = r["mixture_ppl"] / r["dense_batch_matched"]["ppl"] - 1.0
+    cfg = r["config"]
+    tokens_per_param = cfg["expert_steps"] * cfg["batch_size"] * cfg["block_size"] / r["flops"]["expert_params"]
+
+    def verdict(change: float, dense: float, how: str) -> str:
+        word = "beat" if change < 0 else "did not beat"
+        return f"the mixture {word} the dense model trained with {how} ({r['mixture_ppl']:.3f} vs {dense:.3f}, {100 * change:+.1f}%)"
+
+    rows = {(x["method"], x["prefix"]): x["ppl"] for x in r["ablation"]["rows"]}
+    parts = []
+    for m in PREFIXES:
+        a, b = rows[("smalltalk", m)], rows[("tfidf", m)]
+        rel = "beats" if a < b * 0.99 else "loses to" if a > b * 1.01 else "ties (within 1%)"
+        parts.append(f"M={m}: SmallTalk {a:.2f} {rel} TF-IDF {b:.2f}")
+    smalltalk_by_m = [rows[("smalltalk", m)] for m in PREFIXES]
+    monotone = all(x > y for x, y in zip(smalltalk_by_m, smalltalk_by_m[1:], strict=False))
+    why = ""
+    if steps >= 0 or batch >= 0:
+        why = (f" Each expert saw about {tokens_per_param:.0f} tokens per parameter, far below the paper's regime "
+               "(about 100, no repetition); undertrained small models gain more from optimizer steps than from "
+               f"specialising (oracle routing, every sequence to its best expert, gives {r['oracle_routing_ppl']:.3f}).")
+    return (
+        f"Closing note. At prefix {r['prefix']} with {r['experts']} experts, "
+        + verdict(steps, r["dense_ppl"], "E x the steps (the issue's FLOPs match)") + "; "
+        + verdict(batch, r["dense_batch_matched"]["ppl"], "E x the batch (the paper's Table 2 match)") + ". "
+        + ("The paper's direction (-8.5% at 335M x 4) is reproduced." if steps < 0 and batch < 0 else
+           "The paper's -8.5% at 335M x 4 is not reproduced at this scale.")
+        + why
+        + f" Training FLOPs: mixture {r['train_flops_mixture']:.3e} (routers and scoring included) vs dense "
+        f"{r['train_flops_dense']:.3e}; routing costs {100 * r['routing_cost_fraction']:.1f}% of one expert's inference. "
+        f"Cluster purity against the source domains: {r['purity']:.2f}. Routing ablation (experts "
+        f"{r['ablation']['expert_steps']} steps, random routing {rows[('random', 1)]:.2f}): " + "; ".join(parts) + "."
+        + (" A longer prefix routes better." if monotone else "")
+    )
+
+
+def print_table(r: dict) -> None:
+    print(f"\nSmallTalk LM, {r['experts']} experts, prefix {r['prefix']}, held-out perplexity "
+          f"({sum(d['sequences'] for d in r['eval_per_domain'].values())} sequences, {len(r['domains'])} domains)")
+    print(f"{'model':<44}{'ppl':>8}{'after prefix':>14}{'train FLOPs':>14}")
+    print(f"{'mixture (routed, one expert runs)':<44}{r['mixture_ppl']:>8.3f}{r['mixture_ppl_after_prefix']:>14.3f}"
+          f"{r['train_flops_mixture']:>14.3e}")
+    print(f"{'dense, E x steps (the issue)':<44}{r['dense_ppl']:>8.3f}{r['dense_ppl_after_prefix']:>14.3f}"
+          f"{r['train_flops_dense']:>14.3e}")
+    b = r["dense_batch_matched"]
+    print(f"{'dense, E x batch (the paper, Table 2)':<44}{b['ppl']:>8.3f}{b['ppl_after_prefix']:>14.3f}"
+          f"{r['train_flops_dense']:>14.3e}")
+    print(f"{'oracle routing (bound, runs every expert)':<44}{r['oracle_routing_ppl']:>8.3f}")
+    print(f"routing cost {100 * r['routing_cost_fraction']:.2f}% of an expert's inference; "
+          f"router/expert size {100 * r['flops']['router_to_expert_params']:.1f}%; purity {r['purity']:.3f}")
+    for c in r["clusters"]:
+        print(f"  cluster {c['expert']}: {c['size']} sequences, {c['dominant']} {100 * c['purity']:.0f}%  {c['domains']}")
+    print(f"\nrouting ablation (experts {r['ablation']['expert_steps']} steps each)")
+    print(f"{'method':<11}{'M':>5}{'ppl':>9}{'train purity':>14}{'eval purity':>13}")
+    for row in r["ablation"]["rows"]:
+        m = "-" if row["method"] == "random" else str(row["prefix"])  # random routing reads no prefix
+        print(f"{row['method']:<11}{m:>5}{row['ppl']:>9.3f}{row['train_purity']:>14.3f}{row['eval_routing_purity']:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
