@@ -18,17 +18,17 @@ class ConfigError(ValueError):
     """A job option is out of range or mistyped; the message names the option and what it must be."""
 
 
-def parse_config(cls: type[T], d: object, kind: str) -> T:
-    """Build dataclass `cls` from a mapping, strictly, then run its validate()."""
+def parse_config(cls: type[T], d: object, kind: str, error: type[ConfigError] = ConfigError) -> T:
+    """Build dataclass `cls` from a mapping, strictly, then run its validate(); errors are `error`."""
     if not isinstance(d, dict):
-        raise ConfigError(f"{kind} config must be a mapping")
+        raise error(f"{kind} config must be a mapping")
     known = {f.name: f.type for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in d if k not in known)
     if unknown:
-        raise ConfigError(f"unknown {kind} option(s): {', '.join(unknown)}")
+        raise error(f"unknown {kind} option(s): {', '.join(unknown)}")
     for key, value in d.items():
         if not has_type(value, str(known[key])):
-            raise ConfigError(f"{kind} option {key} must be {known[key]}, got {type(value).__name__}")
+            raise error(f"{kind} option {key} must be {known[key]}, got {type(value).__name__}")
     return cls(**d).validate()  # type: ignore[attr-defined]
 
 
@@ -52,4 +52,6 @@ def has_type(value: Any, annotation: str) -> bool:
         return isinstance(value, list) and all(has_type(x, "float") for x in value)
     if annotation == "dict[str, str]":
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if annotation == "dict[str, int]":
+        return isinstance(value, dict) and all(isinstance(k, str) and has_type(v, "int") for k, v in value.items())
     raise TypeError(f"no type check for annotation {annotation!r}")

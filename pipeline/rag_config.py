@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from pipeline.aggregate import default_quorum
 from pipeline.faults import parse_fault
-from pipeline.job_config import ConfigError
+from pipeline.job_config import ConfigError, parse_config
 
 RAW_BITS = 32
 PHASES = ("calibrate", "predict")
@@ -127,39 +126,7 @@ class RAGConfig:
     @classmethod
     def from_dict(cls, d: object) -> RAGConfig:
         """Strict: unknown keys and wrong types are errors (a typo must not become a default)."""
-        if not isinstance(d, dict):
-            raise RAGConfigError("FC-RAG config must be a mapping")
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise RAGConfigError(f"unknown FC-RAG option(s): {', '.join(unknown)}")
-        for key, value in d.items():
-            if not _has_type(value, known[key]):
-                raise RAGConfigError(f"FC-RAG option {key} must be {known[key]}, got {type(value).__name__}")
-        return cls(**d).validate()
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _has_type(value: object, annotation: str) -> bool:
-    """Check a JSON value against a field annotation (a string, because of `from __future__`)."""
-    checks = {
-        "int": _is_int,
-        "int | None": lambda v: v is None or _is_int(v),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        "dict[str, str]": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
-                                                                 for k, x in v.items()),
-        "dict[str, int]": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(x)
-                                                                 for k, x in v.items()),
-    }
-    if annotation not in checks:
-        raise TypeError(f"no type check for annotation {annotation!r}")
-    return checks[annotation](value)
+        return parse_config(cls, d, "FC-RAG", RAGConfigError)
 
 
 # --- names shared by the driver (pipeline/rag.py) and the tasks (workers/rag_tasks.py) ---------

@@ -6,10 +6,9 @@ import the task code, nor torch, to do it. This module imports neither.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from pipeline.fpld_config import ConfigError
+from pipeline.job_config import ConfigError, parse_config
 
 KIND = "smalltalk"
 ROUTER_TASK = "lmteam.smalltalk.train_router"
@@ -122,30 +121,4 @@ class SmallTalkConfig:
     @classmethod
     def from_dict(cls, d: object) -> SmallTalkConfig:
         """Strict: unknown keys and wrong types are errors (a typo must not become a default)."""
-        if not isinstance(d, dict):
-            raise SmallTalkConfigError("SmallTalk config must be a mapping")
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise SmallTalkConfigError(f"unknown SmallTalk option(s): {', '.join(unknown)}")
-        for key, value in d.items():
-            if not _has_type(value, known[key]):
-                raise SmallTalkConfigError(f"SmallTalk option {key} must be {known[key]}, got {type(value).__name__}")
-        return cls(**d).validate()
-
-
-def _has_type(value: object, annotation: str) -> bool:
-    """Check a JSON value against a field annotation (kept as a string by `from __future__`)."""
-    if annotation == "int | None":
-        return value is None or _has_type(value, "int")
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "str":
-        return isinstance(value, str)
-    if annotation == "list[str]":
-        return isinstance(value, list) and all(isinstance(x, str) for x in value)
-    raise TypeError(f"no type check for annotation {annotation!r}")
+        return parse_config(cls, d, "SmallTalk", SmallTalkConfigError)
