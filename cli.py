@@ -6,52 +6,15 @@ local worker processes, runs, and cleans up. With --broker redis://... it submit
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import click
 
 from broker.settings import FleetSettings, SettingsError
-
-EXIT_FAILED = 1
-
-
-def one_line_errors(fn):
-    """Known failures become one readable line and a non-zero exit code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import redis
-
-        from broker.auth import FleetAuthError
-        from broker.embedded import EmbeddedError
-        from broker.jobs import UnknownJob
-        from pipeline.data import CorpusError
-        from pipeline.fpld import JobFailed
-        from pipeline.job_config import ConfigError
-
-        try:
-            return fn(*args, **kwargs)
-        except (CorpusError, ConfigError, SettingsError) as e:
-            raise click.UsageError(str(e)) from None
-        except (EmbeddedError, JobFailed, UnknownJob, FleetAuthError) as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(EXIT_FAILED)
-        except redis.exceptions.AuthenticationError:
-            click.echo("Error: Redis refused the password in the broker URL", err=True)
-            sys.exit(EXIT_FAILED)
-        except redis.exceptions.ConnectionError as e:
-            click.echo(f"Error: cannot reach Redis: {str(e).splitlines()[0]}", err=True)
-            sys.exit(EXIT_FAILED)
-        except KeyboardInterrupt:
-            click.echo("interrupted; local fleet stopped", err=True)
-            sys.exit(130)
-
-    return wrapper
+from pipeline.cli_errors import one_line_errors
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

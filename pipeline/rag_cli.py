@@ -13,59 +13,14 @@ Imports stay inside the commands so that `rag query` against a warm fleet loads 
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
-import sys
 from pathlib import Path
 
 import click
 
-from broker.settings import FleetSettings, SettingsError
-
-EXIT_FAILED = 1
-
-
-def _loaded_error(module: str, name: str) -> type[BaseException] | None:
-    """An exception class from a module only if that module was imported: no module, no such error
-    (pipeline.data imports torch, which a fast `rag query` must not pay for)."""
-    mod = sys.modules.get(module)
-    return getattr(mod, name, None) if mod is not None else None
-
-
-def one_line_errors(fn):
-    """As cli.one_line_errors, plus the FC-RAG errors, without importing torch."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import redis
-
-        from broker.auth import FleetAuthError
-        from broker.embedded import EmbeddedError
-        from broker.jobs import UnknownJob
-        from pipeline.rag import RAGError
-        from pipeline.rag_config import RAGConfigError
-
-        usage = tuple(c for c in (_loaded_error("pipeline.data", "CorpusError"),) if c) + (RAGConfigError,
-                                                                                            SettingsError)
-        try:
-            return fn(*args, **kwargs)
-        except usage as e:
-            raise click.UsageError(str(e)) from None
-        except (RAGError, EmbeddedError, UnknownJob, FleetAuthError) as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(EXIT_FAILED)
-        except redis.exceptions.AuthenticationError:
-            click.echo("Error: Redis refused the password in the broker URL", err=True)
-            sys.exit(EXIT_FAILED)
-        except redis.exceptions.ConnectionError as e:
-            click.echo(f"Error: cannot reach Redis: {str(e).splitlines()[0]}", err=True)
-            sys.exit(EXIT_FAILED)
-        except KeyboardInterrupt:
-            click.echo("interrupted; local fleet stopped", err=True)
-            sys.exit(130)
-
-    return wrapper
+from broker.settings import FleetSettings
+from pipeline.cli_errors import one_line_errors
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -6,14 +6,13 @@
 
 cli.py adds these (main.add_command(smalltalk); main.add_command(generate)).
 
-This module must not import cli at import time: workers run `python -m cli`, where cli.py is
-__main__, so a top-level `from cli import ...` here would load cli.py a second time, which would
-import this half-initialised module again. cli's error handling is borrowed at call time instead.
+This module must not import cli: workers run `python -m cli`, where cli.py is __main__, so
+`from cli import ...` here would load cli.py a second time. Shared error handling lives in
+pipeline/cli_errors.py for that reason.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import click
 
 from broker.settings import FleetSettings
+from pipeline.cli_errors import one_line_errors
 
 # The same options as cli.broker_option / cli.secret_option (same variables, same meaning).
 broker_option = click.option("--broker", envvar="LMTEAM_BROKER_URL", default=None, metavar="URL",
@@ -32,16 +32,6 @@ secret_option = click.option("--secret", envvar="LMTEAM_SECRET", default=None, m
                                   "generated for an embedded run.")
 
 
-def one_line_errors(fn):
-    """cli.one_line_errors, looked up when the command runs (see the module docstring)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import cli
-
-        return cli.one_line_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
