@@ -14,19 +14,13 @@ from pathlib import Path
 import click
 
 from broker.settings import FleetSettings, SettingsError
-from pipeline.cli_errors import one_line_errors
+from pipeline.cli_errors import broker_option, one_line_errors, secret_option
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-broker_option = click.option("--broker", envvar="LMTEAM_BROKER_URL", default=None, metavar="URL",
-                             help="Redis URL of a fleet (env LMTEAM_BROKER_URL). Omit it to run on an "
-                                  "embedded private Redis with local workers.")
-secret_option = click.option("--secret", envvar="LMTEAM_SECRET", default=None, metavar="TEXT",
-                             help="Fleet secret that signs every payload (env LMTEAM_SECRET); "
-                                  "generated for an embedded run.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

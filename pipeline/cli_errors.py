@@ -1,4 +1,5 @@
-"""One readable line and a non-zero exit for every failure a user can cause, never a traceback.
+"""What every command group shares: the fleet options, and one readable line and a non-zero exit
+for every failure a user can cause, never a traceback.
 
 Shared by every command group (cli.py, pipeline/rag_cli.py, pipeline/smalltalk_cli.py). Error
 classes are looked up only in modules already imported: a module never imported cannot have
@@ -52,3 +53,11 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+broker_option = click.option("--broker", envvar="LMTEAM_BROKER_URL", default=None, metavar="URL",
+                             help="Redis URL of a fleet (env LMTEAM_BROKER_URL). Omit it to run on an "
+                                  "embedded private Redis with local workers.")
+secret_option = click.option("--secret", envvar="LMTEAM_SECRET", default=None, metavar="TEXT",
+                             help="Fleet secret that signs every payload (env LMTEAM_SECRET); "
+                                  "generated for an embedded run.")

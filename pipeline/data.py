@@ -315,3 +315,15 @@ def windows(
         starts = np.arange(0, len(tokens) - width + 1, width)[:n]  # (N,)
     idx = starts[:, None] + np.arange(width)[None, :]  # (N, width)
     return torch.from_numpy(tokens[idx].astype(np.int64))
+
+
+def windows_to_bytes(windows: torch.Tensor) -> bytes:
+    """(N, L+1) byte windows as raw uint8: how probe, eval and training sets travel through the store."""
+    return windows.to(torch.uint8).numpy().tobytes()
+
+
+def windows_from_bytes(data: bytes, block_size: int) -> torch.Tensor:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if arr.size % (block_size + 1):
+        raise ValueError(f"window blob of {arr.size} bytes is not a multiple of block_size+1={block_size + 1}")
+    return torch.from_numpy(arr.reshape(-1, block_size + 1).astype(np.int64))

@@ -24,9 +24,17 @@ from broker.jobs import JobRecord, JobStatus, new_job_id
 from broker.settings import FleetSettings
 from broker.store import Store
 from pipeline.checkpoint import model_from_bytes, model_to_bytes
-from pipeline.data import Domain, assign_shards, default_corpus, load_corpus, split_domain, windows
+from pipeline.data import (
+    Domain,
+    assign_shards,
+    default_corpus,
+    load_corpus,
+    split_domain,
+    windows,
+    windows_to_bytes,
+)
 from pipeline.fpld_config import FPLDConfig
-from pipeline.fpld_steps import initial_student, tokens_to_bytes
+from pipeline.fpld_steps import initial_student
 from pipeline.progress import NullProgress
 from pipeline.team_metrics import NodeSpan, RoundTiming, team_metrics
 from pipeline.train import perplexity
@@ -115,8 +123,8 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     _warn_missing_workers(st, cfg, progress)
     job_id = job_id or new_job_id("fpld")
     job = JobRecord.create(st.r, job_id, "fpld", cfg.to_dict(), settings.public_dict(), ttl=settings.blob_ttl)
-    st.put_blob(job_id, "probe", tokens_to_bytes(data.probe))
-    st.put_blob(job_id, "eval", tokens_to_bytes(data.eval))
+    st.put_blob(job_id, "probe", windows_to_bytes(data.probe))
+    st.put_blob(job_id, "eval", windows_to_bytes(data.eval))
     st.put_blob(job_id, "student/0", model_to_bytes(initial_student(cfg)))
     job.set_status(JobStatus.RUNNING)
     progress.message(f"job {job_id}: {cfg.nodes} nodes x {cfg.rounds} rounds at {cfg.bits} bits")

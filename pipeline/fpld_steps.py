@@ -32,17 +32,6 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def tokens_to_bytes(windows: torch.Tensor) -> bytes:
-    return windows.to(torch.uint8).numpy().tobytes()
-
-
-def windows_from_bytes(data: bytes, block_size: int) -> torch.Tensor:
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if arr.size % (block_size + 1):
-        raise ValueError(f"window blob of {arr.size} bytes is not a multiple of block_size+1={block_size + 1}")
-    return torch.from_numpy(arr.reshape(-1, block_size + 1).astype(np.int64))
-
-
 def initial_student(cfg: FPLDConfig) -> GPT:
     """The shared base P^(0): a randomly initialised model, identical everywhere (seeded)."""
     torch.manual_seed(cfg.seed)

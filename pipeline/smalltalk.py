@@ -31,6 +31,7 @@ from broker.jobs import JobRecord, JobStatus, new_job_id
 from broker.settings import FleetSettings
 from broker.store import Store
 from pipeline.checkpoint import load_model
+from pipeline.data import windows_to_bytes
 from pipeline.fpld import JobFailed
 from pipeline.smalltalk_config import DENSE, EXPERT_TASK, KIND, ROUTER_TASK, SCORE_TASK, SmallTalkConfig
 from pipeline.smalltalk_data import (
@@ -39,7 +40,6 @@ from pipeline.smalltalk_data import (
     assignment_to_bytes,
     load_domains,
     prepare_data,
-    seqs_to_bytes,
 )
 from pipeline.smalltalk_eval import cluster_stats, evaluate_mixture, flops
 from pipeline.smalltalk_steps import assign, decode_scores, initial_assignment
@@ -94,7 +94,7 @@ def drive(cfg: SmallTalkConfig, settings: FleetSettings, data: SmallTalkData, ru
     run.write_json(run.config_file, {"job": job_id, "config": cfg.to_dict(), "domains": data.domains,
                                      "fingerprint": data.fingerprint(), "first_job": previous or job_id})
     job = JobRecord.create(st.r, job_id, KIND, cfg.to_dict(), settings.public_dict(), ttl=settings.blob_ttl)
-    st.put_blob(job_id, "seqs", seqs_to_bytes(data.train))
+    st.put_blob(job_id, "seqs", windows_to_bytes(data.train))
     job.set_status(JobStatus.RUNNING)
     if previous:
         say(f"job {job_id}: resuming run {run.path} (first job {previous})")

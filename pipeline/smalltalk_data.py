@@ -90,17 +90,6 @@ def prepare_data(cfg: SmallTalkConfig, domains: list[Domain]) -> SmallTalkData:
     return SmallTalkData(train, labels, torch.cat(evals), eval_labels, [d.name for d in domains], em_sets)
 
 
-def seqs_to_bytes(seqs: torch.Tensor) -> bytes:
-    return seqs.to(torch.uint8).numpy().tobytes()
-
-
-def seqs_from_bytes(data: bytes, block_size: int) -> torch.Tensor:
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if arr.size % (block_size + 1):
-        raise ValueError(f"sequence blob of {arr.size} bytes is not a multiple of block_size+1={block_size + 1}")
-    return torch.from_numpy(arr.reshape(-1, block_size + 1).astype(np.int64))
-
-
 def assignment_to_bytes(assign: np.ndarray) -> bytes:
     return np.asarray(assign, dtype="<i2").tobytes()  # expert index per pool sequence, -1: not in the set
 

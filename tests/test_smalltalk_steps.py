@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from broker.codec import PayloadError
+from pipeline.data import windows_from_bytes, windows_to_bytes
 from pipeline.smalltalk_cli import standalone
 from pipeline.smalltalk_config import SmallTalkConfig, SmallTalkConfigError
 from pipeline.smalltalk_data import (
@@ -16,8 +17,6 @@ from pipeline.smalltalk_data import (
     assignment_to_bytes,
     load_domains,
     prepare_data,
-    seqs_from_bytes,
-    seqs_to_bytes,
 )
 from pipeline.smalltalk_eval import evaluate_mixture, flops
 from pipeline.smalltalk_steps import (
@@ -72,7 +71,7 @@ def test_data_is_deterministic_with_fresh_em_sets(corpus):
     assert len(a.em_sets) == 2 and not set(a.em_sets[0]) & set(a.em_sets[1])  # fresh sequences each round
     assert len(a.round_set(2)) == len(a.train)  # the last scoring covers the whole pool
     assert sorted(set(a.labels.tolist())) == [0, 1, 2] and np.bincount(a.eval_labels).tolist() == [10, 10, 10]
-    assert torch.equal(seqs_from_bytes(seqs_to_bytes(a.train), cfg.block_size), a.train)
+    assert torch.equal(windows_from_bytes(windows_to_bytes(a.train), cfg.block_size), a.train)
     assign = np.array([-1, 0, 2, 1])
     assert np.array_equal(assignment_from_bytes(assignment_to_bytes(assign), 4), assign)
     other = prepare_data(tiny(corpus, seed=1), load_domains(cfg))

@@ -47,11 +47,11 @@ def _blob(st: Store, job_id: str, name: str) -> bytes:
 
 def pool(job_id: str) -> torch.Tensor:
     """The job's training sequences, loaded once per worker process (one job kept)."""
-    from pipeline.smalltalk_data import seqs_from_bytes
+    from pipeline.data import windows_from_bytes
 
     if job_id not in _SEQS:
         _SEQS.clear()
-        _SEQS[job_id] = seqs_from_bytes(_blob(store(), job_id, "seqs"), job_config(job_id).block_size)
+        _SEQS[job_id] = windows_from_bytes(_blob(store(), job_id, "seqs"), job_config(job_id).block_size)
     return _SEQS[job_id]
 
 

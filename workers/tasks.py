@@ -88,7 +88,8 @@ def _unregister(sender: object = None, **_: object) -> None:
 @app.task(bind=True, name=FPLD_NODE_TASK, max_retries=None)
 def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
     """Fine-tune on private data, send quantized probe logits. Returns a small receipt."""
-    from pipeline.fpld_steps import node_round, windows_from_bytes
+    from pipeline.data import windows_from_bytes
+    from pipeline.fpld_steps import node_round
 
     st = store()
     job = JobRecord(st.r, job_id)
@@ -184,7 +185,8 @@ def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
 
 
 def _aggregate(st: Store, job_id: str, rnd: int, deadline: float) -> dict:
-    from pipeline.fpld_steps import merge_and_distill, windows_from_bytes
+    from pipeline.data import windows_from_bytes
+    from pipeline.fpld_steps import merge_and_distill
 
     job = JobRecord(st.r, job_id)
     cfg = job_config(job_id)
