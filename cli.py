@@ -115,16 +115,20 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="Node-local state (e.g. retrieval indexes) [default: ./lmteam-state/<name>].")
 @click.option("--concurrency", default=1, show_default=True, help="Worker processes (prefork pool).")
+@click.option("--name", default=None,
+              help="Worker name, unique on this host, e.g. expert1 to run a second expert worker "
+                   "[default: node<id>, or the role].")
 @click.option("--loglevel", default="info", show_default=True)
 @broker_option
 @secret_option
 @one_line_errors
-def worker(role, node_id, data, threads, state_dir, concurrency, loglevel, broker, secret) -> None:
+def worker(role, node_id, data, threads, state_dir, concurrency, name, loglevel, broker, secret) -> None:
     """Start a worker (a thin wrapper over `celery worker`).
 
     \b
     lmteam worker --role node --node-id 3 --data shard3.txt
     lmteam worker --role aggregator
+    lmteam worker --role expert --name expert1   # a second expert worker on the same host
     """
     from broker.app import AGGREGATOR_QUEUE, EXPERT_QUEUE, node_queue
     from pipeline.data import load_corpus
@@ -140,9 +144,12 @@ def worker(role, node_id, data, threads, state_dir, concurrency, loglevel, broke
         if node_id is None or not data:
             raise click.UsageError("--role node needs --node-id and --data")
         load_corpus([str(p) for p in data])  # refuse to start on a missing/empty/binary file
-        queue, name = node_queue(node_id), f"node{node_id}"
+        queue, default_name = node_queue(node_id), f"node{node_id}"
     else:
-        queue, name = (AGGREGATOR_QUEUE if role == "aggregator" else EXPERT_QUEUE), role
+        queue, default_name = (AGGREGATOR_QUEUE if role == "aggregator" else EXPERT_QUEUE), role
+    name = name or default_name
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise click.BadParameter(f"{name!r}: use letters, digits, '-' and '_'", param_hint="--name")
     os.environ.update({**settings.to_env(), "LMTEAM_ROLE": role, "LMTEAM_QUEUE": queue, "LMTEAM_WORKER_NAME": name,
                        "LMTEAM_THREADS": str(threads),
                        "LMTEAM_STATE_DIR": str((state_dir or Path("lmteam-state") / name).resolve()),

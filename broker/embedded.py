@@ -130,10 +130,11 @@ class WorkerSpec:
     data: tuple[str, ...] = ()
     threads: int = 1
     state_dir: str | None = None  # where the worker keeps node-local state (indexes); kept across runs
+    worker_name: str | None = None  # to run several workers of one role, e.g. expert0, expert1
 
     @property
     def name(self) -> str:
-        return f"node{self.node_id}" if self.role == "node" else self.role
+        return self.worker_name or (f"node{self.node_id}" if self.role == "node" else self.role)
 
 
 def worker_argv(spec: WorkerSpec) -> list[str]:
@@ -144,6 +145,8 @@ def worker_argv(spec: WorkerSpec) -> list[str]:
         argv += ["--data", path]
     if spec.state_dir:
         argv += ["--state-dir", spec.state_dir]
+    if spec.worker_name:
+        argv += ["--name", spec.worker_name]
     return argv
 
 

@@ -157,6 +157,16 @@ class Store:
             pipe.hgetall(self.node_key(job, rnd, node))
         return {node: {k.decode(): _dec(v) for k, v in raw.items()} for node, raw in zip(nodes, pipe.execute(), strict=True)}
 
+    def job_tasks(self, job: str) -> dict[int, list[str]]:
+        """Every (round, node) a job's tasks have recorded, for `lmteam status` of any job kind."""
+        prefix = self.node_key(job, 0, "")[: -len("0:")]
+        found: dict[int, list[str]] = {}
+        for key in self.r.scan_iter(match=prefix + "*", count=1000):
+            rnd, _, node = key.decode()[len(prefix):].partition(":")
+            if rnd.isdigit():
+                found.setdefault(int(rnd), []).append(node)
+        return {rnd: sorted(nodes, key=_natural) for rnd, nodes in sorted(found.items())}
+
     def put_round_result(self, job: str, rnd: int, result: dict[str, object]) -> bool:
         """The aggregator's summary of a round; written once (redelivery keeps the first)."""
         return bool(self.r.set(self.round_key(job, rnd), json.dumps(result), nx=True, ex=self.ttl))
@@ -173,6 +183,13 @@ class Store:
                 return res
             time.sleep(poll)
         return None
+
+
+def _natural(name: str) -> tuple:
+    """router2 before router10; 'aggregator' and 'dense' after the numbered ones."""
+    stem = name.rstrip("0123456789")
+    digits = name[len(stem):]
+    return (not digits, stem, int(digits) if digits else 0)
 
 
 def _enc(value: object) -> str:

@@ -58,23 +58,26 @@ def _quiet(*_: object) -> None:
 
 
 @contextmanager
-def embedded_fleet(settings: FleetSettings, threads: int = 1, workdir: Path | None = None):
-    """A private Redis with one expert worker (routers, experts) and one aggregator worker (scoring)."""
-    specs = [WorkerSpec("expert", threads=threads), WorkerSpec("aggregator", threads=threads)]
+def embedded_fleet(settings: FleetSettings, threads: int = 1, workdir: Path | None = None, expert_workers: int = 1):
+    """A private Redis, expert workers (routers, experts: expert, expert1, ...) and an aggregator (scoring)."""
+    specs = [WorkerSpec("expert", threads=threads, worker_name=f"expert{i}" if i else None)
+             for i in range(expert_workers)]
+    specs.append(WorkerSpec("aggregator", threads=threads))
     with EmbeddedFleet(specs, settings, workdir=workdir) as fleet:
         fleet.wait_ready(Store.from_url(fleet.settings.backend_url).r)
         yield fleet
 
 
 def run_smalltalk(cfg: SmallTalkConfig, settings: FleetSettings, out_dir: Path, *, say: Say = _quiet,
-                  watch: Watch = _quiet, threads: int = 1, job_id: str | None = None) -> dict:
+                  watch: Watch = _quiet, threads: int = 1, job_id: str | None = None, expert_workers: int = 1) -> dict:
     """Whole job on the configured fleet, or on an embedded one when settings name no broker."""
     cfg.validate()
     settings.validate()
     data = prepare_data(cfg, load_domains(cfg))  # bad input fails here, before anything starts
     if settings.broker_url is None:
-        say("starting an embedded fleet: private redis-server, 1 expert worker, 1 aggregator worker")
-        with embedded_fleet(settings, threads) as fleet:
+        say(f"starting an embedded fleet: private redis-server, {expert_workers} expert worker"
+            f"{'s' if expert_workers > 1 else ''}, 1 aggregator worker")
+        with embedded_fleet(settings, threads, expert_workers=expert_workers) as fleet:
             return drive(cfg, fleet.settings, data, RunDir(out_dir), say=say, watch=watch, job_id=job_id)
     return drive(cfg, settings, data, RunDir(out_dir), say=say, watch=watch, job_id=job_id)
 

@@ -66,13 +66,15 @@ def smalltalk() -> None:
 @click.option("--resume", "resume", type=click.Path(path_type=Path), default=None,
               help="Continue an interrupted run dir on this fleet; its config.json wins over the options above.")
 @click.option("--threads", default=1, show_default=True, help="Torch threads per task of the embedded workers.")
+@click.option("--workers", default=2, show_default=True,
+              help="Expert workers of the embedded fleet: experts (and routers) train this many at a time.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @broker_option
 @secret_option
 @one_line_errors
 def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_steps, router_embd, expert_steps,
           checkpoint_every, dense, dense_match, block_size, n_layer, n_embd, n_head, batch_size, eval_seqs, seed, out,
-          resume, threads, quiet, broker, secret) -> None:
+          resume, threads, workers, quiet, broker, secret) -> None:
     """Train routers (EM), experts (independent tasks) and the dense baseline; print the report.
 
     Runs on the embedded default (a private Redis and local workers) or, with --broker, on a fleet
@@ -102,7 +104,8 @@ def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_
     watch = _Bars(cfg) if not quiet else _no_bars
     say = click.echo if not quiet else _no_say
     try:
-        report = run_smalltalk(cfg, settings, out, say=say, watch=watch, threads=threads, job_id=job_id)
+        report = run_smalltalk(cfg, settings, out, say=say, watch=watch, threads=threads, job_id=job_id,
+                               expert_workers=workers)
     finally:
         if isinstance(watch, _Bars):
             watch.close()

@@ -32,23 +32,41 @@ def print_fleet(client: redis.Redis, job_ids: list[str], flower_url: str, consol
 
 
 def print_job(client: redis.Redis, rec: dict, flower_url: str, console: Console | None = None) -> None:
+    """One table per round of any job kind: every task the job started, plus FPLD nodes not yet started."""
     console = console or Console()
-    cfg = rec["config"]
-    nodes = [str(i) for i in range(int(cfg.get("nodes", 0)))]
-    rounds = int(rec.get("round", 0)) + 1 if "round" in rec else 0
     console.print(f"[bold]{rec['id']}[/]  {rec['kind']}  {rec['status']}  updated {_ago(rec['updated_at'])}"
                   + (f"\nerror: {rec['error']}" if rec.get("error") else ""))
     store = Store(client)
-    for rnd in range(rounds):
-        table = Table(title=f"round {rnd}")
-        for col in ("node", "status", "step", "loss", "bytes", "retries", "attempts", "resumed from"):
+    tasks = store.job_tasks(rec["id"])
+    for rnd, names in _expected(rec).items():
+        tasks[rnd] = names + [n for n in tasks.get(rnd, []) if n not in names]
+    for rnd in sorted(tasks):
+        table = Table(title=_round_title(rec, rnd))
+        for col in ("task" if rec["kind"] == "smalltalk" else "node", "status", "step", "loss", "bytes", "retries",
+                    "attempts", "resumed from", "checkpoint"):
             table.add_column(col)
-        for node, s in store.round_nodes(rec["id"], rnd, nodes + ["aggregator"]).items():
+        for node, s in store.round_nodes(rec["id"], rnd, tasks[rnd]).items():
             table.add_row(node, str(s.get("final") or s.get("status", "queued")), str(s.get("step", "")),
                           str(s.get("loss", "")), f"{int(s.get('payload_bytes', 0) or 0):,}",
-                          str(s.get("retries", "")), str(s.get("attempts", "")), str(s.get("resumed_from", "")))
+                          str(s.get("retries", "")), str(s.get("attempts", "")), str(s.get("resumed_from", "")),
+                          str(s.get("checkpoint_step", "")))
         console.print(table)
     console.print(f"Flower: {flower_url}/tasks?search={rec['id']}")
+
+
+def _expected(rec: dict) -> dict[int, list[str]]:
+    """FPLD rounds list every node from the start, so a node that never began shows as queued."""
+    if rec["kind"] != "fpld" or "round" not in rec:
+        return {}
+    nodes = [str(i) for i in range(int(rec["config"].get("nodes", 0)))] + ["aggregator"]
+    return {rnd: nodes for rnd in range(int(rec["round"]) + 1)}
+
+
+def _round_title(rec: dict, rnd: int) -> str:
+    if rec["kind"] != "smalltalk":
+        return f"round {rnd}"
+    em = int(rec["config"].get("em_rounds", 0))
+    return f"EM round {rnd + 1}/{em}: routers, scoring" if rnd < em else "experts and the dense baseline"
 
 
 def _ago(ts: float) -> str:

@@ -90,6 +90,19 @@ def test_sigkilled_expert_worker_resumes_from_its_checkpoint(corpus, tmp_path):
         assert report["summary"]["mixture_ppl"] > 1.0
         assert sum(c["size"] for c in report["clusters"]["clusters"]) == len(data.train)
 
+        # `lmteam status JOB` shows every task of the job, the resumed expert included
+        from rich.console import Console
+
+        from pipeline.status import print_job
+
+        console = Console(record=True, width=200)
+        print_job(store.r, JobRecord(store.r, job).get() | {"id": job}, "http://fl", console)
+        out = console.export_text()
+        assert "EM round 1/2: routers, scoring" in out and "experts and the dense baseline" in out
+        row = next(line for line in out.splitlines() if "expert0" in line)
+        assert "done" in row and str(e0["resumed_from"]) in row
+        assert all(f"router{e}" in out for e in range(cfg.experts)) and "score0" in out
+
 
 def test_run_resumes_on_a_fresh_fleet_and_evaluates(corpus, tmp_path):
     """The whole embedded fleet dies during stage 2; `drive` on a new fleet with the same run dir
@@ -104,10 +117,12 @@ def test_run_resumes_on_a_fresh_fleet_and_evaluates(corpus, tmp_path):
     # the fleet (Redis and workers) is gone; the first submitter is left failing in its thread
     state = json.loads(run.state_file.read_text())
     assert state["em_rounds_done"] == cfg.em_rounds
-    with embedded_fleet(FleetSettings()) as fleet:
+    with embedded_fleet(FleetSettings(), expert_workers=2) as fleet:
         store = Store.from_url(fleet.settings.backend_url)
         report = drive(cfg, fleet.settings, data, run, job_id="smalltalk-second")
         assert store.round_nodes("smalltalk-second", 0, ["router0"])["router0"] == {}  # EM not redone
+        workers = {str(t["worker"]).split("@")[0] for t in report["tasks"].values() if t.get("worker")}
+        assert workers == {"expert", "expert1"}  # two expert workers shared the experts and the dense model
     assert report["first_job"] == "smalltalk-first"
     assert int(report["tasks"]["0"]["resumed_from"]) >= 50
     assert report["summary"]["dense_ppl"] > 1.0

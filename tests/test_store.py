@@ -64,3 +64,14 @@ def test_job_record_roundtrip(redis_client):
     assert list_jobs(redis_client) == ["fpld-x"]
     with pytest.raises(UnknownJob, match="no job 'nope'"):
         JobRecord(redis_client, "nope").get()
+
+
+def test_job_tasks_lists_every_recorded_round_and_task_of_one_job(redis_client):
+    st = Store(redis_client)
+    for rnd, node in [(0, "router10"), (0, "router2"), (0, "score0"), (2, "dense"), (2, "expert1"), (1, "aggregator"),
+                      (1, "3")]:
+        st.node_update("job-a", rnd, node, status="running")
+    st.node_update("job-ab", 0, "router0", status="running")  # a job id that extends another's is not mixed in
+    assert st.job_tasks("job-a") == {0: ["router2", "router10", "score0"], 1: ["3", "aggregator"],
+                                     2: ["expert1", "dense"]}
+    assert st.job_tasks("job-none") == {}
