@@ -285,6 +285,7 @@ def build_report(c: _Ctx, em: list[dict], tasks: dict[str, dict], wall_s: float,
     summary = {
         "mixture_ppl": ev["ppl"], "dense_ppl": ev.get("dense_ppl"),
         "ppl_change": ev["ppl"] / ev["dense_ppl"] - 1.0 if dense is not None else None,
+        "ppl_change_ci95": ev.get("ppl_change_ci95"),
         "mixture_ppl_after_prefix": ev["ppl_after_prefix"], "dense_ppl_after_prefix": ev.get("dense_ppl_after_prefix"),
         "oracle_ppl": ev["oracle_ppl"], "purity": clusters["purity"],
         "routing_cost_fraction": fl["routing_cost_fraction"], "train_flops_mixture": fl["train_flops_mixture"],

@@ -173,7 +173,9 @@ def print_report(report: dict) -> None:
     t.add_row("mixture perplexity (held-out)", f"{s['mixture_ppl']:.3f}")
     if s.get("dense_ppl") is not None:
         t.add_row(f"dense perplexity ({cfg['dense_match']}-matched FLOPs)", f"{s['dense_ppl']:.3f}")
-        t.add_row("mixture vs dense", f"{100 * s['ppl_change']:+.2f}%")
+        ci = s.get("ppl_change_ci95")  # absent in reports written before it existed
+        t.add_row("mixture vs dense", f"{100 * s['ppl_change']:+.2f}%" + (
+            f" (95% CI over held-out sequences {100 * ci[0]:+.2f}% .. {100 * ci[1]:+.2f}%)" if ci else ""))
         t.add_row("after the prefix: mixture / dense",
                   f"{s['mixture_ppl_after_prefix']:.3f} / {s['dense_ppl_after_prefix']:.3f}")
     t.add_row("oracle routing perplexity", f"{s['oracle_ppl']:.3f}")

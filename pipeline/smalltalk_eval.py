@@ -39,6 +39,25 @@ def _ppl(nll: np.ndarray) -> float:
     return float(math.exp(nll.mean())) if nll.size else float("nan")
 
 
+def ppl_ratio_ci(nll_a: np.ndarray, nll_b: np.ndarray, level: float = 0.95, draws: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap over sequences: a confidence interval for ppl(a) / ppl(b) - 1.
+
+    nll_a and nll_b are per-token losses (N, T) of two models on the same held-out sequences.
+    Resampling whole sequences keeps the correlation between tokens of one sequence, so the
+    interval answers "would another held-out sample of this size flip the sign?". It says
+    nothing about training noise (seeds); that needs reruns.
+    """
+    a, b = np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
+        raise ValueError(f"need two (N, T) loss arrays of one shape, got {a.shape} and {b.shape}")
+    diff = a.mean(axis=1) - b.mean(axis=1)  # per sequence; every sequence has T tokens
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(draws, len(diff)))
+    ratios = np.exp(diff[idx].mean(axis=1)) - 1.0
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def evaluate_mixture(experts: list[GPT], routers: list[GPT], seqs: torch.Tensor, labels: np.ndarray,
                      domains: list[str], prefix: int, dense: GPT | None = None,
                      routing: np.ndarray | None = None) -> dict:
@@ -68,6 +87,7 @@ def evaluate_mixture(experts: list[GPT], routers: list[GPT], seqs: torch.Tensor,
     if dense_nll is not None:
         out["dense_ppl"] = _ppl(dense_nll)
         out["dense_ppl_after_prefix"] = _ppl(dense_nll[:, after])
+        out["ppl_change_ci95"] = list(ppl_ratio_ci(mixed, dense_nll))
     for d, name in enumerate(domains):
         rows = labels == d
         entry = {"sequences": int(rows.sum()), "ppl": _ppl(mixed[rows]),

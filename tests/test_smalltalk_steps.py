@@ -115,6 +115,7 @@ def test_mixture_of_identical_experts_is_the_dense_model(corpus):
     routers = [new_router(cfg, e) for e in range(cfg.experts)]
     ev = evaluate_mixture([expert] * 3, routers, data.eval, data.eval_labels, data.domains, cfg.prefix, expert)
     assert ev["ppl"] == pytest.approx(ev["dense_ppl"]) and ev["oracle_ppl"] == pytest.approx(ev["ppl"])
+    assert ev["ppl_change_ci95"] == [0.0, 0.0]
     assert sum(ev["load"]) == len(data.eval) and set(ev["per_domain"]) == set(data.domains)
 
 
