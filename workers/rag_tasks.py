@@ -19,10 +19,8 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from broker.app import app, settings_of
-from broker.codec import PayloadError
 from broker.jobs import JobRecord, NodeStatus
 from broker.store import Store
-from pipeline.aggregate import QuorumError, check_quorum
 from pipeline.faults import mangle, parse_fault
 from pipeline.rag_config import (
     AGGREGATE_TASK,
@@ -34,6 +32,7 @@ from pipeline.rag_config import (
     arrive_key,
     done_key,
 )
+from workers.round_gate import classify_nodes, quorum_error, wait_and_seal
 from workers.tasks import _one_line, private_tokens, secret, state_dir, store
 
 log = get_task_logger(__name__)
@@ -260,42 +259,21 @@ def _aggregate(st: Store, job_id: str, rnd: int, deadline: float, phase: str, ca
     cfg = rag_config(job_id)
     nodes = cfg.node_ids
     t0 = time.time()
-    while True:
-        states = st.round_nodes(job_id, rnd, nodes)
-        if all(s.get("status") in ("arrived", "failed") for s in states.values()):
-            break
-        left = deadline - st.now()
-        if left <= 0:
-            break
-        st.r.blpop([arrive_key(job_id, rnd)], timeout=min(left, 0.5))  # a node finishing wakes us at once
-    st.close_round(job_id, rnd)
-    t_sealed = time.time()
-    states = st.round_nodes(job_id, rnd, nodes)
+    states, t_sealed = wait_and_seal(st, job_id, rnd, nodes, deadline, wake_key=arrive_key(job_id, rnd))
     contexts = rag_steps.contexts_from_blob(_blob(st, job_id, f"queries/{rnd}"))
-    decoded, final = {}, {}
-    for node, state in states.items():
-        status = state.get("status")
-        if status == "arrived":
-            try:
-                ids, scores, nbytes = rag_steps.decode_node_payload(
-                    st.get_payload(job_id, rnd, node) or b"", secret=secret(),
-                    max_bytes=settings_of(app).max_payload_bytes, job=job_id, rnd=rnd, node=node,
-                    n=len(contexts), cfg=cfg)
-                decoded[node] = (ids, scores)
-                final[node] = {"status": NodeStatus.MERGED.value, "bytes": nbytes}
-            except PayloadError as e:
-                final[node] = {"status": NodeStatus.REJECTED.value, "reason": str(e)}
-        elif status == "failed":
-            final[node] = {"status": NodeStatus.FAILED.value, "reason": state.get("error", "")}
-        else:
-            final[node] = {"status": NodeStatus.LATE.value, "reason": "missed the deadline"}
+
+    def decode(node: str, payload: bytes) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+        ids, scores, nbytes = rag_steps.decode_node_payload(
+            payload, secret=secret(), max_bytes=settings_of(app).max_payload_bytes, job=job_id, rnd=rnd,
+            node=node, n=len(contexts), cfg=cfg)
+        return (ids, scores), nbytes
+
+    decoded, final = classify_nodes(st, job_id, rnd, states, decode)
     result: dict = {"round": rnd, "phase": phase, "nodes": final, "merged": len(decoded),
                     "waited_s": round(t_sealed - t0, 4), "queries": len(contexts)}
-    try:
-        detail = ", ".join(f"node {n} {v['status']}" for n, v in final.items() if v["status"] != "merged")
-        check_quorum(len(decoded), cfg.nodes, cfg.effective_quorum, detail)
-    except QuorumError as e:
-        result.update(status="failed", error=f"round {rnd}: {e}")
+    error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
+    if error is not None:
+        result.update(status="failed", error=error)
         st.put_round_result(job_id, rnd, result)
         return
     ids, scores, mask = rag_steps.stack_nodes(decoded, nodes, len(contexts), cfg.candidates)

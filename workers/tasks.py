@@ -18,13 +18,13 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from broker.app import FPLD_AGGREGATE_TASK, FPLD_NODE_TASK, app, settings_of
-from broker.codec import PayloadError, decode_logits, encode_logits
+from broker.codec import decode_logits, encode_logits
 from broker.jobs import JobRecord, NodeStatus
 from broker.store import Store
-from pipeline.aggregate import QuorumError, check_quorum
 from pipeline.faults import PAYLOAD_KINDS, Fault, mangle, parse_faults
 from pipeline.fpld_config import FPLDConfig
 from workers import registry
+from workers.round_gate import classify_nodes, quorum_error, wait_and_seal
 
 log = get_task_logger(__name__)
 
@@ -193,47 +193,27 @@ def _aggregate(st: Store, job_id: str, rnd: int, deadline: float) -> dict:
     nodes = cfg.node_ids
     t_start = time.time()
     st.node_update(job_id, rnd, "aggregator", status="waiting for nodes")
-    while st.now() < deadline:
-        states = st.round_nodes(job_id, rnd, nodes)
-        if all(s.get("status") in ("arrived", "failed") for s in states.values()):
-            break
-        time.sleep(0.1)
-    st.close_round(job_id, rnd)
-    t_sealed = time.time()
-    states = st.round_nodes(job_id, rnd, nodes)
-    final: dict[str, dict] = {}
-    logits, full = [], []
-    for node, state in states.items():
-        status = state.get("status")
-        if status == "arrived":
-            try:
-                x, meta = decode_logits(st.get_payload(job_id, rnd, node) or b"", secret=secret(),
-                                        max_bytes=settings_of(app).max_payload_bytes,
-                                        expect_shape=(cfg.probe_seqs * cfg.block_size, 256),
-                                        expect_job=job_id, expect_round=rnd, expect_node=node)
-                logits.append(x)
-                final[node] = {"status": NodeStatus.MERGED.value, "bytes": meta.nbytes}
-                diag = st.get_blob(job_id, f"diag/{rnd}/{node}")
-                if diag is not None:
-                    full.append(decode_logits(diag, secret=secret())[0])
-            except PayloadError as e:
-                final[node] = {"status": NodeStatus.REJECTED.value, "reason": str(e)}
-        elif status == "failed":
-            final[node] = {"status": NodeStatus.FAILED.value, "reason": state.get("error", "")}
-        else:
-            final[node] = {"status": NodeStatus.LATE.value, "reason": "missed the deadline"}
-        retries = int(state.get("retries", 0) or 0)
-        final[node]["retries"] = retries
-        st.node_update(job_id, rnd, node, final=final[node]["status"])
+    states, t_sealed = wait_and_seal(st, job_id, rnd, nodes, deadline)
+
+    def decode(node: str, payload: bytes) -> tuple[tuple[np.ndarray, np.ndarray | None], int]:
+        x, meta = decode_logits(payload, secret=secret(), max_bytes=settings_of(app).max_payload_bytes,
+                                expect_shape=(cfg.probe_seqs * cfg.block_size, 256),
+                                expect_job=job_id, expect_round=rnd, expect_node=node)
+        diag = st.get_blob(job_id, f"diag/{rnd}/{node}")
+        return (x, decode_logits(diag, secret=secret())[0] if diag is not None else None), meta.nbytes
+
+    decoded, final = classify_nodes(st, job_id, rnd, states, decode)
+    logits = [x for x, _ in decoded.values()]
+    full = [d for _, d in decoded.values() if d is not None]
+    for node, v in final.items():
+        st.node_update(job_id, rnd, node, final=v["status"])
     result: dict = {"round": rnd, "nodes": final, "merged": len(logits), "waited_s": t_sealed - t_start,
                     "sealed_at": t_sealed}
-    try:
-        detail = ", ".join(f"node {n} {v['status']}" for n, v in final.items() if v["status"] != "merged")
-        check_quorum(len(logits), cfg.nodes, cfg.effective_quorum, detail)
-    except QuorumError as e:
-        result.update(status="failed", error=f"round {rnd}: {e}")
+    error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
+    if error is not None:
+        result.update(status="failed", error=error)
         st.put_round_result(job_id, rnd, result)
-        job.event("round_failed", round=rnd, error=result["error"])
+        job.event("round_failed", round=rnd, error=error)
         return result
     if len(full) != len(logits):
         full = []  # teacher KL only compares like with like
