@@ -64,10 +64,11 @@ bench/results/smalltalk-seeds.json), mixture vs the E x steps dense model:
 
 So the mixture beats both FLOPs-matched dense models in this regime, by less than the paper's
 -8.5% at 335M x 4. The gain comes from Grimm, WikiText and code; on Shakespeare the mixture is
-+2.8%, -1.1% and +0.4% against dense in seeds 0, 1, 2. Seed 1's routers found clusters that are not the domains (purity 0.57) and it
-still won. The routing ablation is noisier than its gaps: in an earlier run of this same setting
-SmallTalk at M=128 scored 9.047 (here 9.375) and TF-IDF 9.072, so only M=32 (SmallTalk ahead in
-both runs, 9.72 / 9.89 vs 10.24 / 10.25) separates the two routers. Routing costs 34% of one
++2.8%, -1.1% and +0.4% against dense in seeds 0, 1, 2. Seed 1's routers found clusters that are
+not the domains (purity 0.57) and it still won. The routing ablation is noisier than its gaps:
+in an earlier run of this same setting (the result committed in b688f83) SmallTalk at M=128
+scored 9.047 (here 9.375) and TF-IDF 9.072, so only M=32 (SmallTalk ahead in both runs,
+9.72 / 9.89 vs 10.24 / 10.25) separates the two routers. Routing costs 34% of one
 expert's inference (the paper: 1.3%): a byte-level router of 7.4k parameters is 35% of an
 expert this small, where the paper's is ~1%.
 """
