@@ -148,6 +148,10 @@ def eval_(run, prefix, corpus, as_json) -> None:
     t.add_row("all", str(res["sequences"]), f"{res['ppl']:.3f}", _num(res.get("dense_ppl")), str(res["load"]))
     t.add_row("all, after the prefix", "", f"{res['ppl_after_prefix']:.3f}", _num(res.get("dense_ppl_after_prefix")), "")
     Console().print(t)
+    if res.get("dense_ppl") is not None:
+        lo, hi = res["ppl_change_ci95"]
+        click.echo(f"mixture vs dense: {100 * (res['ppl'] / res['dense_ppl'] - 1):+.2f}% "
+                   f"(95% CI over these sequences {100 * lo:+.2f}% .. {100 * hi:+.2f}%)")
 
 
 @click.command()

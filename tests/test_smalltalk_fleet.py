@@ -163,11 +163,13 @@ def test_cli_train_eval_generate(corpus, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "mixture perplexity" in res.stdout
     report = json.loads((run / "report.json").read_text())
-    assert {"mixture_ppl", "dense_ppl", "purity", "routing_cost_fraction"} <= set(report["summary"])
+    assert {"mixture_ppl", "dense_ppl", "ppl_change_ci95", "purity", "routing_cost_fraction"} <= set(report["summary"])
     assert sorted(p.name for p in (run / "experts").iterdir()) == ["0.safetensors", "1.safetensors"]
     res = st("smalltalk", "eval", str(run), "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["ppl"] == pytest.approx(report["summary"]["mixture_ppl"], rel=1e-6)
+    res = st("smalltalk", "eval", str(run))
+    assert res.returncode == 0 and "mixture vs dense: " in res.stdout and "95% CI" in res.stdout, res.stderr[-2000:]
     res = st("generate", str(run), "--prompt", "import os", "--max-new", "16")
     assert res.returncode == 0 and res.stdout.startswith("import os") and "[expert" in res.stderr
     again = st("smalltalk", "train", "--out", str(run), "--quiet")
