@@ -14,8 +14,9 @@ WikiText-2 from ../shared/data/corpora, and Python standard-library source (the 
    FLOPs as the issue defines it: E x the steps of one expert at the same batch. The paper's own
    matching (Table 2: the same steps at E x the batch) is trained too, in-process. A paired
    bootstrap over held-out sequences gives a 95% interval for the mixture-vs-dense change.
-2. Training-length sweep, in-process with the same routers: the mixture and its dense match at
-   1/4 and 1/2 of the experts' steps, to show where specialising starts to pay.
+2. Training-length sweep, in-process (routers from the ablation's EM at the same prefix and
+   settings): the mixture and its dense match at 1/4 and 1/2 of the experts' steps, to show where
+   specialising starts to pay. Its full-length row is the fleet run.
 3. Routing ablation, in-process with the same functions: prefix M in {8, 32, 128} x {SmallTalk
    routers, c-BTM-style TF-IDF + balanced k-means, random}. Ablation experts train for 1000
    steps (time budget), so compare its rows with each other, not with the main table.
