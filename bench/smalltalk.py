@@ -319,7 +319,7 @@ def trend(sweep: list[dict]) -> str:
 
 def closing_note(r: dict) -> str:
     """The verdict in words, computed from the numbers so that it cannot disagree with the table."""
-    steps = r["mixture_ppl"] / r["dense_ppl"] - 1.0
+    steps = r["ppl_change_vs_dense"]
     batch = r["mixture_ppl"] / r["dense_batch_matched"]["ppl"] - 1.0
 
     def verdict(change: float, dense: float, how: str) -> str:

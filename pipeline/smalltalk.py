@@ -284,7 +284,7 @@ def build_report(c: _Ctx, em: list[dict], tasks: dict[str, dict], wall_s: float,
     fl = flops(cfg, experts[0], routers[0], sum(r["scored"] for r in em))
     summary = {
         "mixture_ppl": ev["ppl"], "dense_ppl": ev.get("dense_ppl"),
-        "ppl_change": ev["ppl"] / ev["dense_ppl"] - 1.0 if dense is not None else None,
+        "ppl_change": ev.get("ppl_change"),
         "ppl_change_ci95": ev.get("ppl_change_ci95"),
         "mixture_ppl_after_prefix": ev["ppl_after_prefix"], "dense_ppl_after_prefix": ev.get("dense_ppl_after_prefix"),
         "oracle_ppl": ev["oracle_ppl"], "purity": clusters["purity"],

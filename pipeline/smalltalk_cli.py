@@ -150,7 +150,7 @@ def eval_(run, prefix, corpus, as_json) -> None:
     Console().print(t)
     if res.get("dense_ppl") is not None:
         lo, hi = res["ppl_change_ci95"]
-        click.echo(f"mixture vs dense: {100 * (res['ppl'] / res['dense_ppl'] - 1):+.2f}% "
+        click.echo(f"mixture vs dense: {100 * res['ppl_change']:+.2f}% "
                    f"(95% CI over these sequences {100 * lo:+.2f}% .. {100 * hi:+.2f}%)")
 
 

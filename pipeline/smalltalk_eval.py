@@ -87,6 +87,7 @@ def evaluate_mixture(experts: list[GPT], routers: list[GPT], seqs: torch.Tensor,
     if dense_nll is not None:
         out["dense_ppl"] = _ppl(dense_nll)
         out["dense_ppl_after_prefix"] = _ppl(dense_nll[:, after])
+        out["ppl_change"] = out["ppl"] / out["dense_ppl"] - 1.0
         out["ppl_change_ci95"] = list(ppl_ratio_ci(mixed, dense_nll))
     for d, name in enumerate(domains):
         rows = labels == d
