@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import click
 
 from broker.settings import FleetSettings, SettingsError
 from pipeline.cli_errors import broker_option, one_line_errors, secret_option
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,72 +30,6 @@ def main() -> None:
       lmteam worker --role node --node-id 0 --data private.txt --broker redis://:pw@host:6379/0
       lmteam fpld --broker redis://:pw@host:6379/0 --corpus public.txt
     """
-
-
-@main.command()
-@click.option("--nodes", "-k", default=4, show_default=True, help="Federated nodes K (one private shard each).")
-@click.option("--rounds", "-t", default=3, show_default=True, help="Communication rounds T.")
-@click.option("--bits", "-b", default=8, show_default=True,
-              help="Bits per logit coordinate on the wire: 1..16, or 32 for raw float32.")
-@click.option("--clip", default=20.0, show_default=True, help="Logits are clipped to [-clip, clip] before quantizing.")
-@click.option("--dither/--no-dither", default=True, show_default=True, help="Subtractive dither in the quantizer.")
-@click.option("--compress/--no-compress", default=False, show_default=True, help="zstd on top of bit-packing.")
-@click.option("--quorum", type=int, default=None, help="Nodes that must merge per round [default: 3/4 of nodes].")
-@click.option("--round-timeout", default=600.0, show_default=True,
-              help="Seconds until a round's deadline; later payloads are dropped.")
-@click.option("--corpus", "-c", multiple=True, type=click.Path(path_type=Path),
-              help="Text file (or directory of .txt) per domain; repeat. Default: built-in stdlib corpus. "
-                   "Embedded runs give each node one domain; on a fleet it supplies the public probe/eval text.")
-@click.option("--local-steps", default=150, show_default=True, help="Local fine-tuning steps per node per round.")
-@click.option("--distill-steps", default=150, show_default=True, help="Distillation steps per round.")
-@click.option("--probe-seqs", default=64, show_default=True, help="Public probe sequences (logits at every position).")
-@click.option("--eval-seqs", default=64, show_default=True, help="Held-out sequences for perplexity.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--fault", multiple=True, metavar="NODE=SPEC",
-              help="Inject a fault, e.g. 2=slow:30 or 3=raise:1 (see pipeline/faults.py). For drills.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Directory for report.json and the student checkpoint [default: runs/<job-id>].")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@broker_option
-@secret_option
-@one_line_errors
-def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, corpus, local_steps, distill_steps,
-         probe_seqs, eval_seqs, seed, fault, out, quiet, broker, secret) -> None:
-    """Federated probe-logit distillation (arXiv 2605.09986).
-
-    K nodes fine-tune the broadcast student on their private text, send B-bit quantized logits
-    on a public probe set, and the aggregator distills the next student from their mean.
-    Prints a summary table and writes a JSON report.
-    """
-    from broker.jobs import new_job_id
-    from pipeline.fpld import run_fpld
-    from pipeline.fpld_config import FPLDConfig
-    from pipeline.job_config import ConfigError
-    from pipeline.progress import NullProgress, RichProgress
-    from pipeline.report import print_fpld_summary
-
-    faults = {}
-    for item in fault:
-        node, sep, spec = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--fault takes NODE=SPEC, got {item!r}")
-        faults[node.strip()] = spec.strip()
-    cfg = FPLDConfig(nodes=nodes, rounds=rounds, bits=bits, clip=clip, dither=dither, compress=compress,
-                     quorum=quorum, round_timeout=round_timeout, corpus=[str(p) for p in corpus],
-                     local_steps=local_steps, distill_steps=distill_steps, probe_seqs=probe_seqs,
-                     eval_seqs=eval_seqs, seed=seed, faults=faults).validate()
-    settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
-    from pipeline.data import load_corpus
-
-    load_corpus(cfg.corpus) if cfg.corpus else None  # fail on bad files before anything starts
-    progress = NullProgress() if quiet else RichProgress()
-    # SIGTERM unwinds like Ctrl-C, so the embedded fleet is torn down either way.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    job_id = new_job_id("fpld")
-    out = out or Path("runs") / job_id
-    report = run_fpld(cfg, settings, out_dir=out, progress=progress, job_id=job_id)
-    print_fpld_summary(report)
-    click.echo(f"report: {out / 'report.json'}")
 
 
 @main.command()
@@ -130,7 +57,7 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, loglevel,
     lmteam worker --role aggregator
     lmteam worker --role expert --name expert1   # a second expert worker on the same host
     """
-    from broker.app import AGGREGATOR_QUEUE, EXPERT_QUEUE, node_queue
+    from broker import keys
     from pipeline.data import load_corpus
 
     settings = FleetSettings.from_env(broker_url=broker, secret=secret)
@@ -144,9 +71,9 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, loglevel,
         if node_id is None or not data:
             raise click.UsageError("--role node needs --node-id and --data")
         load_corpus([str(p) for p in data])  # refuse to start on a missing/empty/binary file
-        queue, default_name = node_queue(node_id), f"node{node_id}"
+        queue, default_name = keys.node_queue(node_id), f"node{node_id}"
     else:
-        queue, default_name = (AGGREGATOR_QUEUE if role == "aggregator" else EXPERT_QUEUE), role
+        queue, default_name = (keys.AGGREGATOR_QUEUE if role == "aggregator" else keys.EXPERT_QUEUE), role
     name = name or default_name
     if not name.replace("-", "").replace("_", "").isalnum():
         raise click.BadParameter(f"{name!r}: use letters, digits, '-' and '_'", param_hint="--name")
@@ -158,7 +85,7 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, loglevel,
         os.environ["LMTEAM_NODE_ID"] = str(node_id)
     from broker.app import app, configure
 
-    configure(app, settings)
+    configure(app, settings, queues=(queue,) if role == "node" else ())
     app.worker_main(["worker", "-Q", queue, "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h",
                      "-l", loglevel, "-E", "--without-gossip", "--without-mingle"])
 
@@ -177,7 +104,7 @@ def status(job, as_json, broker, flower_url) -> None:
     """Workers and recent jobs, or one job's progress per round and node (reads the fleet's Redis)."""
     from broker.auth import connect_checked
     from broker.jobs import JobRecord, list_jobs
-    from pipeline.status import print_fleet, print_job
+    from pipeline.report.status import print_fleet, print_job
 
     if not broker:
         raise SettingsError("status reads a fleet's Redis: pass --broker redis://... or set LMTEAM_BROKER_URL")
@@ -219,10 +146,12 @@ def flower(port, address, basic_auth, broker) -> None:
 
 def _register_commands() -> None:
     # Each job kind keeps its commands next to its code; the CLI only assembles them.
-    from pipeline.rag_cli import rag
-    from pipeline.report_cli import report
-    from pipeline.smalltalk_cli import generate, smalltalk
+    from pipeline.fpld.cli import fpld
+    from pipeline.rag.cli import rag
+    from pipeline.report.cli import report
+    from pipeline.smalltalk.cli import generate, smalltalk
 
+    main.add_command(fpld)
     main.add_command(report)
     main.add_command(rag)
     main.add_command(smalltalk)

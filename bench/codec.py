@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow running from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-from broker.codec import decode_logits, encode_logits  # noqa: E402
+from broker.wire.codec import decode_logits, encode_logits  # noqa: E402
 
 BITS = (2, 4, 8, 16, 32)
 SECRET = b"bench-secret"

@@ -1,15 +1,15 @@
 """FC-RAG bench: coverage and set size of next-byte prediction sets per alpha and per node budget,
 and the latency of a query against a warm fleet of 4 nodes.
 
-K=4 nodes on an embedded fleet, one domain each (the text files of --corpus-dir, default
-../shared/data/corpora). The student is distilled by a short FPLD job on the same fleet (or
+K=4 nodes on an embedded fleet, one domain each (the files of --corpus or --corpus-dir; by default
+the built-in corpus; the committed result used --corpus-dir ../shared/data/corpora). The student is distilled by a short FPLD job on the same fleet (or
 --student PATH). Each node indexes the private training part of its domain; calibration and test
 queries come from the held-out tails of all domains, which no node indexes and FPLD never trains
 on. For every budget B_i = k' x b bits (b bits per score) a fresh job calibrates on --n-cal queries
 and tests on --n-test; every alpha is read off the same runs. The nodes cache raw scores of a
 repeated query batch, so only quantization (the part the budget changes) is redone per budget.
 
-    python bench/fcrag.py [--corpus-dir DIR] [--bits 1 2 3 4 8 16] [--alphas 0.05 0.1 0.2] [--student PATH]
+    python bench/fcrag.py [--corpus FILE ... | --corpus-dir DIR] [--bits 1 2 3 4 8 16] [--alphas 0.05 0.1 0.2] [--student PATH]
 """
 
 from __future__ import annotations
@@ -32,22 +32,31 @@ import numpy as np  # noqa: E402
 from broker.embedded import EmbeddedFleet, WorkerSpec  # noqa: E402
 from broker.settings import FleetSettings  # noqa: E402
 from broker.store import Store  # noqa: E402
-from pipeline import conformal, rag_run  # noqa: E402
-from pipeline.data import load_corpus  # noqa: E402
-from pipeline.rag import Client, RunDir, cal_test_split, heldout_queries, jsonable, load_student, node_shards  # noqa: E402
-from pipeline.rag_config import RAGConfig  # noqa: E402
-from pipeline.rag_steps import Calibration, context_bytes  # noqa: E402
+from pipeline.data import default_corpus, load_corpus  # noqa: E402
+from pipeline.rag import conformal  # noqa: E402
+from pipeline.rag import run as rag_run  # noqa: E402
+from pipeline.rag.config import RAGConfig  # noqa: E402
+from pipeline.rag.driver import (  # noqa: E402
+    Client,
+    RunDir,
+    cal_test_split,
+    heldout_queries,
+    jsonable,
+    load_student,
+    node_shards,
+)
+from pipeline.rag.steps import Calibration, context_bytes  # noqa: E402
 
 
 def train_student(args, files: list[str], settings: FleetSettings, out: Path) -> Path:
     """A short FPLD job on this same fleet: the distilled student every node then scores with."""
-    from pipeline.fpld import drive, prepare_data
-    from pipeline.fpld_config import FPLDConfig
+    from pipeline.fpld.config import FPLDConfig
+    from pipeline.fpld.driver import drive, prepare_data
 
     cfg = FPLDConfig(nodes=4, rounds=args.fpld_rounds, local_steps=args.local_steps, distill_steps=args.distill_steps,
                      corpus=files, block_size=args.block_size, probe_seqs=64, eval_seqs=32,
                      measure_teacher_kl=False).validate()
-    data = prepare_data(cfg, load_corpus(files))
+    data = prepare_data(cfg, load_corpus(files) if files else default_corpus())
     rep = drive(cfg, settings, data, out_dir=out)
     print(f"FPLD student: {cfg.rounds} rounds, ppl {rep['summary']['student_ppl']:.2f} "
           f"(initial {rep['summary']['initial_ppl']:.2f}), {rep['summary']['wall_s']:.0f} s", flush=True)
@@ -90,7 +99,7 @@ def latency(client: Client, cfg: RAGConfig, student, calib_round: int, texts: li
     run.calibration_file.write_bytes(client.calibration_bytes(calib_round))
     wall, reported = [], []
     for t in texts[: args.cli_queries]:
-        argv = [sys.executable, "-m", "pipeline.rag_cli", "query", "--run", str(run.path), "--broker",
+        argv = [sys.executable, "-m", "pipeline.rag.cli", "query", "--run", str(run.path), "--broker",
                 settings.broker_url, "--secret", settings.secret, "-q", "--", t.decode("utf-8", "replace")]
         t0 = time.perf_counter()
         res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -105,13 +114,16 @@ def latency(client: Client, cfg: RAGConfig, student, calib_round: int, texts: li
         "cli_process_wall_ms": {"median": pct(wall, 50), "p95": pct(wall, 95)},
         "note": "in_process: submit to result through the warm fleet (what a server pays per query); "
                 "cli_query_path: the same, measured inside `lmteam rag query`; cli_process_wall: the whole "
-                "`python -m pipeline.rag_cli query` process, interpreter start and imports included",
+                "`python -m pipeline.rag.cli query` process, interpreter start and imports included",
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus-dir", type=Path, default=ROOT.parent / "shared" / "data" / "corpora")
+    ap.add_argument("--corpus", type=Path, action="append", default=[],
+                    help="a text file per domain (repeat); default: the built-in standard-library corpus")
+    ap.add_argument("--corpus-dir", type=Path, default=None,
+                    help="every *.txt in a folder, one domain each (the committed result: ../shared/data/corpora)")
     ap.add_argument("--student", type=Path, default=None)
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16], help="bits per score b; B_i = k' b")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
@@ -129,8 +141,9 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.time()
 
-    files = sorted(str(p) for p in args.corpus_dir.glob("*.txt"))
-    domains = load_corpus(files)
+    files = [str(p) for p in args.corpus] + (sorted(str(p) for p in args.corpus_dir.glob("*.txt"))
+                                             if args.corpus_dir else [])
+    domains = load_corpus(files) if files else default_corpus()
     tmp = Path(tempfile.mkdtemp(prefix="lmteam-fcrag-"))
     specs = []
     for i, shard in enumerate(node_shards(domains, 4)):

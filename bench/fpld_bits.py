@@ -1,6 +1,7 @@
 """FPLD bandwidth sweep: what B bits per logit cost in teacher KL and student perplexity.
 
-K=4 non-IID nodes (one domain each: the text files of --corpus-dir, default ../shared/data/corpora),
+K=4 non-IID nodes (one domain each: --corpus files or every *.txt of --corpus-dir; by default the
+built-in corpus; the committed result used --corpus-dir ../shared/data/corpora),
 the same job run through a real embedded fleet at B in {1, 2, 4, 8, 16} and unquantized (32),
 next to two references trained in this process on the same data and evaluated on the same
 held-out mixture:
@@ -8,7 +9,7 @@ held-out mixture:
   - central: one model trained on the pooled private data for K x T x local_steps steps
     (the upper reference: all data in one place, the same total training compute).
 
-    python bench/fpld_bits.py [--corpus-dir DIR] [--bits 1 2 4 8 16 32] [--rounds 3] [--json]
+    python bench/fpld_bits.py [--corpus FILE ... | --corpus-dir DIR] [--bits 1 2 4 8 16 32] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import torch  # noqa: E402
 
 from broker.settings import FleetSettings  # noqa: E402
 from broker.store import Store  # noqa: E402
-from pipeline.fpld import drive, load_domains, local_fleet, prepare_data  # noqa: E402
-from pipeline.fpld_config import FPLDConfig  # noqa: E402
-from pipeline.fpld_steps import initial_student  # noqa: E402
-from pipeline.progress import RichProgress  # noqa: E402
-from pipeline.train import perplexity, train_lm  # noqa: E402
+from pipeline.fpld.config import FPLDConfig  # noqa: E402
+from pipeline.fpld.driver import drive, load_domains, local_fleet, prepare_data  # noqa: E402
+from pipeline.fpld.steps import initial_student  # noqa: E402
+from pipeline.models.train import perplexity, train_lm  # noqa: E402
+from pipeline.report.progress import RichProgress  # noqa: E402
 
 
 def references(cfg: FPLDConfig, data) -> dict:
@@ -54,7 +55,10 @@ def references(cfg: FPLDConfig, data) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus-dir", type=Path, default=ROOT.parent / "shared" / "data" / "corpora")
+    ap.add_argument("--corpus", type=Path, action="append", default=[],
+                    help="a text file per domain (repeat); default: the built-in standard-library corpus")
+    ap.add_argument("--corpus-dir", type=Path, default=None,
+                    help="every *.txt in a folder, one domain each (the committed result: ../shared/data/corpora)")
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=150)
@@ -63,9 +67,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
     args = ap.parse_args()
 
-    files = sorted(str(p) for p in args.corpus_dir.glob("*.txt"))
+    files = [str(p) for p in args.corpus] + (sorted(str(p) for p in args.corpus_dir.glob("*.txt"))
+                                             if args.corpus_dir else [])
     base = FPLDConfig(nodes=4, rounds=args.rounds, corpus=files, local_steps=args.local_steps,
-                      distill_steps=args.distill_steps).validate()
+                      distill_steps=args.distill_steps, measure_teacher_kl=True).validate()
     data = prepare_data(base, load_domains(base))
     rows = []
     with local_fleet(base, data, FleetSettings()) as fleet:

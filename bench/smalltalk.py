@@ -1,12 +1,13 @@
 """SmallTalk LM (arXiv 2410.03529) on four text domains: 4 routed experts vs the FLOPs-matched dense model.
 
-    python bench/smalltalk.py                          # ~25 min on 2 CPU cores; writes bench/results/smalltalk.json
-    python bench/smalltalk.py --main-only --set seed=1 # the main comparison only, another seed (~11 min)
+    python bench/smalltalk.py --corpus-dir ../shared/data/corpora   # the committed result, ~25 min on 2 cores
+    python bench/smalltalk.py --corpus-dir ../shared/data/corpora --main-only --set seed=1   # another seed
+    python bench/smalltalk.py                          # the same on the built-in corpus's domains
     python bench/smalltalk.py --quick                  # smoke-run every part (~1 min); writes nothing
 
-Domains (480 KB each, so balanced clusters can be pure): Shakespeare, Grimm's fairy tales and
-WikiText-2 from ../shared/data/corpora, and Python standard-library source (the built-in corpus's
-"code" domain). Sequences are 129-byte windows; each keeps its source label for purity only.
+Domains (480 KB each, so balanced clusters can be pure): with --corpus-dir, Shakespeare, Grimm's
+fairy tales and WikiText-2 from that folder, and Python standard-library source (the built-in
+corpus's "code" domain); without it, the built-in corpus's own domains. Sequences are 129-byte windows; each keeps its source label for purity only.
 
 1. Main run, on an embedded fleet (private Redis, 2 expert workers and an aggregator worker):
    router EM (12 rounds of fresh sequences, balanced assignment), then 4 experts and the dense
@@ -92,16 +93,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.settings import FleetSettings  # noqa: E402
-from pipeline.balanced_assignment import random_balanced  # noqa: E402
 from pipeline.data import default_corpus  # noqa: E402
-from pipeline.routing import fit_tfidf_router, prefix_losses, random_routing, route  # noqa: E402
-from pipeline.smalltalk import run_smalltalk  # noqa: E402
-from pipeline.smalltalk_config import DENSE, SmallTalkConfig  # noqa: E402
-from pipeline.smalltalk_data import load_domains, prepare_data  # noqa: E402
-from pipeline.smalltalk_eval import cluster_stats, evaluate_mixture, token_nll  # noqa: E402
-from pipeline.smalltalk_steps import local_em, new_expert, seed_of, train_expert  # noqa: E402
+from pipeline.seeds import derive_seed  # noqa: E402
+from pipeline.smalltalk.balanced_assignment import random_balanced  # noqa: E402
+from pipeline.smalltalk.config import DENSE, SmallTalkConfig  # noqa: E402
+from pipeline.smalltalk.data import load_domains, prepare_data  # noqa: E402
+from pipeline.smalltalk.driver import run_smalltalk  # noqa: E402
+from pipeline.smalltalk.eval import cluster_stats, evaluate_mixture, token_nll  # noqa: E402
+from pipeline.smalltalk.routing import fit_tfidf_router, prefix_losses, random_routing, route  # noqa: E402
+from pipeline.smalltalk.steps import local_em, new_expert, train_expert  # noqa: E402
 
-CORPORA = ROOT.parent / "shared" / "data" / "corpora"
 RESULT = ROOT / "bench" / "results" / "smalltalk.json"
 PER_DOMAIN = 480_000
 THREADS = 2
@@ -122,14 +123,18 @@ ABLATION_STEPS = 1000
 EXPERT_WORKERS = 2  # the dense model (E x the steps) trains on one worker while the 4 experts share the other
 
 
-def write_corpus(directory: Path) -> list[str]:
-    """Four equal-size domains as files (the two WikiText-2 files are one source)."""
-    texts = {
-        "shakespeare": (CORPORA / "shakespeare.txt").read_bytes(),
-        "grimm": (CORPORA / "grimm.txt").read_bytes(),
-        "wikitext": (CORPORA / "wikitext2-valid.txt").read_bytes() + (CORPORA / "wikitext2-test.txt").read_bytes(),
-        "code": next(d for d in default_corpus(PER_DOMAIN) if d.name == "code").tokens.tobytes(),
-    }
+def write_corpus(directory: Path, corpora: Path | None) -> list[str]:
+    """Four equal-size domains as files: with --corpus-dir (the committed result) Shakespeare, Grimm,
+    WikiText-2 (its two files are one source) and stdlib code; without it the built-in corpus."""
+    if corpora is None:
+        texts = {d.name: d.tokens.tobytes() for d in default_corpus(PER_DOMAIN)}
+    else:
+        texts = {
+            "shakespeare": (corpora / "shakespeare.txt").read_bytes(),
+            "grimm": (corpora / "grimm.txt").read_bytes(),
+            "wikitext": (corpora / "wikitext2-valid.txt").read_bytes() + (corpora / "wikitext2-test.txt").read_bytes(),
+            "code": next(d for d in default_corpus(PER_DOMAIN) if d.name == "code").tokens.tobytes(),
+        }
     paths = []
     for name, data in texts.items():
         path = directory / f"{name}.txt"
@@ -172,8 +177,8 @@ def ablation(cfg: SmallTalkConfig, data) -> tuple[list[dict], dict[int, tuple]]:
     em = {}
     t0 = time.time()
     n = len(data.train)
-    rows.append(ablation_row(cfg, data, "random", 1, random_balanced(n, cfg.experts, seed_of(cfg.seed, "rand")),
-                             random_routing(len(data.eval), cfg.experts, seed_of(cfg.seed, "rand-eval")), t0))
+    rows.append(ablation_row(cfg, data, "random", 1, random_balanced(n, cfg.experts, derive_seed(cfg.seed, "rand")),
+                             random_routing(len(data.eval), cfg.experts, derive_seed(cfg.seed, "rand-eval")), t0))
     fit = data.train[torch.from_numpy(np.concatenate(data.em_sets)[:4000])]
     for m in PREFIXES:
         cm = replace(cfg, prefix=m)
@@ -236,6 +241,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke-run every part in ~2 minutes; writes nothing")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override CONFIG; the result goes to smalltalk-KEY=VALUE.json")
+    parser.add_argument("--corpus-dir", type=Path, default=None,
+                        help="folder with shakespeare.txt, grimm.txt, wikitext2-valid.txt, wikitext2-test.txt "
+                             "(the committed results: ../shared/data/corpora); default: the built-in corpus")
     parser.add_argument("--main-only", action="store_true", help="skip the training-length sweep and the ablation")
     parser.add_argument("--seeds", action="store_true",
                         help="train nothing: table the main comparison over smalltalk.json and smalltalk-seed=N.json")
@@ -251,7 +259,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     t_all = time.time()
     with tempfile.TemporaryDirectory(prefix="lmteam-smalltalk-bench-") as tmp:
-        corpus = write_corpus(Path(tmp))
+        corpus = write_corpus(Path(tmp), args.corpus_dir)
         cfg = SmallTalkConfig(**CONFIG, corpus=corpus).validate()
         data = prepare_data(cfg, load_domains(cfg))
         say(f"{len(data.train)} training and {len(data.eval)} held-out sequences from {', '.join(data.domains)}")

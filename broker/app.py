@@ -1,9 +1,9 @@
-"""The one Celery app of lmteam: Redis broker and result store, msgpack only, reliable by default.
+"""The one Celery app of lmteam: Redis broker, msgpack only, declared queues, reliable by default.
 
 Workers run `celery -A broker.app worker`; the app reads FleetSettings from the environment at
 import. A submitting CLI that starts an embedded fleet calls `configure()` once the URL is known.
 
-Reliability choices (see docs/ and the research notes):
+Reliability choices (see the README's table and the research notes):
 - acks_late + reject_on_worker_lost: a task whose worker process dies is redelivered, not lost.
 - running tasks are not cancelled when the broker connection drops (see the note below).
   Our tasks are idempotent (first payload written wins), which makes redelivery safe.
@@ -11,26 +11,36 @@ Reliability choices (see docs/ and the research notes):
   another task from an idle worker.
 - soft/hard time limits need the prefork pool, which is what `lmteam worker` starts.
 - visibility_timeout longer than any task, else Redis redelivers tasks that are still running.
+- queues are declared and tasks routed by name here (broker/keys.py), and a queue that is not
+  declared is an error: a typo cannot silently create a queue nobody consumes.
+- no task results are stored: submitters read the store's round records, never a result.
 """
 
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
+from broker import keys
 from broker.settings import FleetSettings
 
-AGGREGATOR_QUEUE = "aggregator"
-EXPERT_QUEUE = "experts"
-
-# Task names are the protocol between submitters and workers: submitters send by name and never
-# import the task code (nor torch) to do it.
-FPLD_NODE_TASK = "lmteam.fpld.node_round"
-FPLD_AGGREGATE_TASK = "lmteam.fpld.aggregate_round"
+# The task modules, named as strings: nothing imports workers/ but Celery itself.
+TASK_MODULES = ["workers.fpld", "workers.rag", "workers.smalltalk"]
 
 
-def node_queue(node_id: int | str) -> str:
-    """A node's own queue: only the worker holding that node's private data consumes it."""
-    return f"node.{node_id}"
+def declared_queues(extra: tuple[str, ...] = ()) -> tuple[Queue, ...]:
+    """The role queues, plus the node queues a process consumes (`lmteam worker --role node`)."""
+    return tuple(Queue(name) for name in (keys.AGGREGATOR_QUEUE, keys.EXPERT_QUEUE, *extra))
+
+
+def route(name: str, args: tuple, kwargs: dict, options: dict, task: object = None, **_: object) -> dict | None:
+    """Node tasks go to the queue of the node in their third argument; the rest by name."""
+    if name in keys.NODE_TASKS:
+        # A node queue is made from its id, not looked up: nodes are as many as a job asks for.
+        return {"queue": Queue(keys.node_queue(args[2]))}
+    if name in keys.STATIC_ROUTES:
+        return {"queue": keys.STATIC_ROUTES[name]}
+    return None  # unrouted: send_task fails on the undeclared default queue
 
 
 def celery_config(settings: FleetSettings) -> dict[str, object]:
@@ -41,11 +51,12 @@ def celery_config(settings: FleetSettings) -> dict[str, object]:
                  "unacked_restore_throttle": 1}
     return dict(
         broker_url=settings.broker_url,
-        result_backend=settings.backend_url,
         task_serializer="msgpack",
-        result_serializer="msgpack",
         accept_content=["msgpack"],
-        result_accept_content=["msgpack"],
+        task_ignore_result=True,
+        task_queues=declared_queues(),
+        task_routes=(route,),
+        task_create_missing_queues=False,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -58,10 +69,7 @@ def celery_config(settings: FleetSettings) -> dict[str, object]:
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,
         broker_transport_options=transport,
-        result_backend_transport_options=transport,
-        result_expires=settings.blob_ttl,
         broker_connection_retry_on_startup=True,
-        task_track_started=True,
         # Flower shows tasks only when workers send events.
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -69,9 +77,10 @@ def celery_config(settings: FleetSettings) -> dict[str, object]:
     )
 
 
-def configure(app: Celery, settings: FleetSettings) -> Celery:
-    """Point the app at a broker (used after an embedded Redis has started)."""
+def configure(app: Celery, settings: FleetSettings, queues: tuple[str, ...] = ()) -> Celery:
+    """Point the app at a broker (used after an embedded Redis has started); `queues` adds node queues."""
     app.conf.update(celery_config(settings))
+    app.conf.task_queues = declared_queues(queues)
     app.conf.lmteam_settings = settings
     return app
 
@@ -86,5 +95,5 @@ def client_app(settings: FleetSettings) -> Celery:
     return configure(Celery("lmteam-client", set_as_current=False), settings)
 
 
-app = Celery("lmteam", include=["workers.tasks", "workers.rag_tasks", "workers.smalltalk_tasks"])
+app = Celery("lmteam", include=TASK_MODULES)
 configure(app, FleetSettings.from_env())

@@ -13,9 +13,10 @@ import hmac
 
 import redis
 
-from broker.store import KEY_PREFIX, connect
+from broker import keys
+from broker.store import connect
 
-FINGERPRINT_KEY = f"{KEY_PREFIX}:fleet:secret-fingerprint"
+FINGERPRINT_KEY = keys.SECRET_FINGERPRINT
 
 
 class FleetAuthError(RuntimeError):

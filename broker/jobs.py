@@ -2,10 +2,10 @@
 
 Kept in Redis next to the payloads, as JSON strings (never pickle), so `lmteam status` on any
 machine of the fleet can read it and any run can be reproduced from its stored config.
-Keys:
-  lmteam:job:<id>          hash: kind, status, config, settings, created_at, updated_at, error, report
-  lmteam:job:<id>:events   list of JSON events (ts, type, round, node, ...), the job's timeline
-  lmteam:jobs              sorted set of job ids by creation time
+Keys (broker/keys.py):
+  keys.job(id)          hash: kind, status, config, settings, created_at, updated_at, error, report
+  keys.job_events(id)   list of JSON events (ts, type, round, node, ...), the job's timeline
+  keys.JOBS             sorted set of job ids by creation time
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from enum import Enum
 
 import redis
 
-from broker.store import KEY_PREFIX
+from broker import keys
 
 
 class JobStatus(str, Enum):
@@ -36,6 +36,10 @@ class NodeStatus(str, Enum):
     FAILED = "failed"  # raised on every retry, or hit its time limit
 
 
+class JobFailed(RuntimeError):
+    """The job could not finish (quorum not met, a task failed for good, or the fleet stopped answering)."""
+
+
 class UnknownJob(KeyError):
     def __str__(self) -> str:
         return f"no job {self.args[0]!r} in this Redis (lmteam status lists the jobs)"
@@ -52,8 +56,8 @@ class JobRecord:
         self.r = client
         self.id = job_id
         self.ttl = ttl
-        self.key = f"{KEY_PREFIX}:job:{job_id}"
-        self.events_key = f"{self.key}:events"
+        self.key = keys.job(job_id)
+        self.events_key = keys.job_events(job_id)
 
     @classmethod
     def create(cls, client: redis.Redis, job_id: str, kind: str, config: dict, settings: dict,
@@ -65,17 +69,12 @@ class JobRecord:
             "settings": json.dumps(settings), "created_at": now, "updated_at": now,
         })
         client.expire(rec.key, ttl)
-        client.zadd(f"{KEY_PREFIX}:jobs", {job_id: now})
+        client.zadd(keys.JOBS, {job_id: now})
         rec.event("created", kind=kind)
         return rec
 
     def exists(self) -> bool:
         return bool(self.r.exists(self.key))
-
-    def require(self) -> JobRecord:
-        if not self.exists():
-            raise UnknownJob(self.id)
-        return self
 
     def config(self) -> dict:
         raw = self.r.hget(self.key, "config")
@@ -121,4 +120,4 @@ class JobRecord:
 
 
 def list_jobs(client: redis.Redis, limit: int = 20) -> list[str]:
-    return [x.decode() for x in client.zrevrange(f"{KEY_PREFIX}:jobs", 0, limit - 1)]
+    return [x.decode() for x in client.zrevrange(keys.JOBS, 0, limit - 1)]

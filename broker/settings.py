@@ -28,7 +28,8 @@ class FleetSettings:
     broker_url: str | None = None
     """Redis URL of the broker (redis://, rediss:// or redis+socket://). None: start an embedded fleet."""
     result_backend: str | None = None
-    """Where task results and job records live; defaults to the broker URL."""
+    """The Redis of the store (payloads, checkpoints, job records); defaults to the broker URL.
+    Celery keeps no task results: submitters read the store."""
     secret: str = field(default="", repr=False)
     """Fleet secret: HMAC-SHA256 key of every payload. Required on a real fleet."""
     max_payload_bytes: int = 256 * 2**20
@@ -42,7 +43,7 @@ class FleetSettings:
     max_retries: int = 3
     """Retries of a node task that raised, with exponential backoff."""
     retry_backoff: float = 1.0
-    """First retry delay; doubles each retry."""
+    """First retry delay; doubles each retry. Celery's retry_backoff counts whole seconds, at least 1."""
     blob_ttl: int = 7 * 86400
     """How long payloads, checkpoints and job records stay in Redis."""
 

@@ -13,17 +13,18 @@ Deadlines are measured on Redis's clock (TIME), the one clock every process of a
 from __future__ import annotations
 
 import json
-import time
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-KEY_PREFIX = "lmteam"
+from broker import keys
 
 _SUBMIT = """
-local closed, payload, node = KEYS[1], KEYS[2], KEYS[3]
+local closed, payload, node, arrived = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, data, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+redis.call('RPUSH', arrived, node)
+redis.call('EXPIRE', arrived, ttl)
 if redis.call('EXISTS', closed) == 1 then
   redis.call('HSET', node, 'status', 'late', 'late_at', now)
   redis.call('EXPIRE', node, ttl)
@@ -39,8 +40,8 @@ return 'arrived'
 
 _SET_IF_OPEN = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[2], 604800)
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
 return 1
 """
 
@@ -72,27 +73,6 @@ class Store:
     def from_url(cls, url: str, ttl: int = 7 * 86400) -> Store:
         return cls(connect(url), ttl)
 
-    # keys ------------------------------------------------------------------------------------
-    @staticmethod
-    def blob_key(job: str, name: str) -> str:
-        return f"{KEY_PREFIX}:blob:{job}:{name}"
-
-    @staticmethod
-    def payload_key(job: str, rnd: int, node: str) -> str:
-        return f"{KEY_PREFIX}:payload:{job}:{rnd}:{node}"
-
-    @staticmethod
-    def node_key(job: str, rnd: int, node: str) -> str:
-        return f"{KEY_PREFIX}:node:{job}:{rnd}:{node}"
-
-    @staticmethod
-    def closed_key(job: str, rnd: int) -> str:
-        return f"{KEY_PREFIX}:closed:{job}:{rnd}"
-
-    @staticmethod
-    def round_key(job: str, rnd: int) -> str:
-        return f"{KEY_PREFIX}:round:{job}:{rnd}"
-
     # clock -----------------------------------------------------------------------------------
     def now(self) -> float:
         """Redis's clock in seconds: shared by every machine of the fleet."""
@@ -101,65 +81,65 @@ class Store:
 
     # blobs -----------------------------------------------------------------------------------
     def put_blob(self, job: str, name: str, data: bytes) -> int:
-        self.r.set(self.blob_key(job, name), data, ex=self.ttl)
+        self.r.set(keys.blob(job, name), data, ex=self.ttl)
         return len(data)
 
     def put_blob_once(self, job: str, name: str, data: bytes) -> bool:
         """Write unless present: a redelivered task must not overwrite what it wrote before."""
-        return bool(self.r.set(self.blob_key(job, name), data, ex=self.ttl, nx=True))
+        return bool(self.r.set(keys.blob(job, name), data, ex=self.ttl, nx=True))
 
     def get_blob(self, job: str, name: str) -> bytes | None:
-        return self.r.get(self.blob_key(job, name))
+        return self.r.get(keys.blob(job, name))
 
     def has_blob(self, job: str, name: str) -> bool:
-        return bool(self.r.exists(self.blob_key(job, name)))
+        return bool(self.r.exists(keys.blob(job, name)))
 
     # rounds ----------------------------------------------------------------------------------
     def submit_payload(self, job: str, rnd: int, node: str, data: bytes) -> str:
         """'arrived' (will be merged if valid), 'late' (round already sealed) or 'duplicate'."""
-        keys = [self.closed_key(job, rnd), self.payload_key(job, rnd, node), self.node_key(job, rnd, node)]
-        out = self._submit(keys=keys, args=[f"{self.now():.6f}", data, self.ttl])
+        names = [keys.closed(job, rnd), keys.payload(job, rnd, node), keys.node(job, rnd, node), keys.arrived(job, rnd)]
+        out = self._submit(keys=names, args=[f"{self.now():.6f}", data, self.ttl])
         return out.decode() if isinstance(out, bytes) else str(out)
 
     def close_round(self, job: str, rnd: int) -> bool:
         """Seal a round; True for the caller that sealed it, False if it was already sealed."""
-        return bool(self.r.set(self.closed_key(job, rnd), f"{self.now():.6f}", nx=True, ex=self.ttl))
+        return bool(self.r.set(keys.closed(job, rnd), f"{self.now():.6f}", nx=True, ex=self.ttl))
 
     def is_closed(self, job: str, rnd: int) -> bool:
-        return bool(self.r.exists(self.closed_key(job, rnd)))
+        return bool(self.r.exists(keys.closed(job, rnd)))
 
     def get_payload(self, job: str, rnd: int, node: str) -> bytes | None:
-        return self.r.get(self.payload_key(job, rnd, node))
+        return self.r.get(keys.payload(job, rnd, node))
 
     def node_update(self, job: str, rnd: int, node: str, **fields: object) -> None:
         """Record facts about a node's work in a round (timings, bytes, status)."""
-        key = self.node_key(job, rnd, node)
+        key = keys.node(job, rnd, node)
         self.r.hset(key, mapping={k: _enc(v) for k, v in fields.items()})
         self.r.expire(key, self.ttl)
 
     def node_update_if_open(self, job: str, rnd: int, node: str, **fields: object) -> bool:
         """As node_update, but only while the round is open (a failure after the seal changes nothing)."""
-        args: list[str] = []
+        args: list[object] = [self.ttl]
         for k, v in fields.items():
             args += [k, _enc(v)]
-        return bool(self._set_if_open(keys=[self.closed_key(job, rnd), self.node_key(job, rnd, node)], args=args))
+        return bool(self._set_if_open(keys=[keys.closed(job, rnd), keys.node(job, rnd, node)], args=args))
 
     def node_incr(self, job: str, rnd: int, node: str, field_name: str, by: int = 1) -> int:
-        return int(self.r.hincrby(self.node_key(job, rnd, node), field_name, by))
+        return int(self.r.hincrby(keys.node(job, rnd, node), field_name, by))
 
     def node_state(self, job: str, rnd: int, node: str) -> dict[str, object]:
-        raw = self.r.hgetall(self.node_key(job, rnd, node))
+        raw = self.r.hgetall(keys.node(job, rnd, node))
         return {k.decode(): _dec(v) for k, v in raw.items()}
 
     def round_nodes(self, job: str, rnd: int, nodes: list[str]) -> dict[str, dict[str, object]]:
         pipe = self.r.pipeline()
         for node in nodes:
-            pipe.hgetall(self.node_key(job, rnd, node))
+            pipe.hgetall(keys.node(job, rnd, node))
         return {node: {k.decode(): _dec(v) for k, v in raw.items()} for node, raw in zip(nodes, pipe.execute(), strict=True)}
 
     def job_tasks(self, job: str) -> dict[int, list[str]]:
         """Every (round, node) a job's tasks have recorded, for `lmteam status` of any job kind."""
-        prefix = self.node_key(job, 0, "")[: -len("0:")]
+        prefix = keys.node_scan_prefix(job)
         found: dict[int, list[str]] = {}
         for key in self.r.scan_iter(match=prefix + "*", count=1000):
             rnd, _, node = key.decode()[len(prefix):].partition(":")
@@ -169,20 +149,11 @@ class Store:
 
     def put_round_result(self, job: str, rnd: int, result: dict[str, object]) -> bool:
         """The aggregator's summary of a round; written once (redelivery keeps the first)."""
-        return bool(self.r.set(self.round_key(job, rnd), json.dumps(result), nx=True, ex=self.ttl))
+        return bool(self.r.set(keys.round_result(job, rnd), json.dumps(result), nx=True, ex=self.ttl))
 
     def round_result(self, job: str, rnd: int) -> dict[str, object] | None:
-        raw = self.r.get(self.round_key(job, rnd))
+        raw = self.r.get(keys.round_result(job, rnd))
         return json.loads(raw) if raw else None
-
-    def wait_round_result(self, job: str, rnd: int, timeout: float, poll: float = 0.2) -> dict | None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            res = self.round_result(job, rnd)
-            if res is not None:
-                return res
-            time.sleep(poll)
-        return None
 
 
 def _natural(name: str) -> tuple:

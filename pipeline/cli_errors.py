@@ -1,7 +1,7 @@
 """What every command group shares: the fleet options, and one readable line and a non-zero exit
 for every failure a user can cause, never a traceback.
 
-Shared by every command group (cli.py, pipeline/rag_cli.py, pipeline/smalltalk_cli.py). Error
+Shared by every command group (cli.py, pipeline/rag/cli.py, pipeline/smalltalk/cli.py). Error
 classes are looked up only in modules already imported: a module never imported cannot have
 raised, and a fast command (`rag query`) must not import torch just to name CorpusError.
 """
@@ -9,6 +9,7 @@ raised, and a fast command (`rag query`) must not import torch just to name Corp
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ USAGE_ERRORS = (("pipeline.data", "CorpusError"), ("pipeline.job_config", "Confi
                 ("broker.settings", "SettingsError"))
 # The job or the fleet could not do it: "Error: ..." (exit 1).
 FAILURES = (("broker.embedded", "EmbeddedError"), ("broker.jobs", "UnknownJob"), ("broker.auth", "FleetAuthError"),
-            ("pipeline.fpld", "JobFailed"), ("pipeline.rag", "RAGError"))
+            ("broker.jobs", "JobFailed"))
 
 
 def _loaded(pairs: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
@@ -61,3 +62,12 @@ broker_option = click.option("--broker", envvar="LMTEAM_BROKER_URL", default=Non
 secret_option = click.option("--secret", envvar="LMTEAM_SECRET", default=None, metavar="TEXT",
                              help="Fleet secret that signs every payload (env LMTEAM_SECRET); "
                                   "generated for an embedded run.")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def sigterm_unwinds() -> None:
+    """SIGTERM unwinds like Ctrl-C, so an embedded fleet is torn down either way."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)

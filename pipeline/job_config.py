@@ -8,14 +8,34 @@ default or a string reach arithmetic.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
-from typing import Any, TypeVar
+from dataclasses import asdict, fields
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A job option is out of range or mistyped; the message names the option and what it must be."""
+
+
+class JobConfig:
+    """Base of every kind's config dataclass: its stored form, strict reading back, and checks."""
+
+    LABEL: ClassVar[str] = "job"
+    ERROR: ClassVar[type[ConfigError]] = ConfigError
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], d: object) -> T:
+        """Strict: unknown keys and wrong types are errors (a typo must not become a default)."""
+        return parse_config(cls, d, cls.LABEL, cls.ERROR)  # type: ignore[attr-defined]
+
+    def need(self, ok: bool, msg: str) -> None:
+        """A validate() check: raise this kind's ConfigError with msg unless ok."""
+        if not ok:
+            raise self.ERROR(msg)
 
 
 def parse_config(cls: type[T], d: object, kind: str, error: type[ConfigError] = ConfigError) -> T:

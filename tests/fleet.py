@@ -1,11 +1,14 @@
-"""Helpers for integration tests: tiny FPLD configs and a corpus written to temp files."""
+"""Helpers for integration tests: tiny FPLD configs, a corpus in temp files, waiting, a job in a thread."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
+from broker.waiting import seconds_left, wait_for
 from pipeline.data import default_corpus
-from pipeline.fpld_config import FPLDConfig
+from pipeline.fpld.config import FPLDConfig
 
 
 def tiny_corpus(directory: Path, domains: int = 4, size: int = 30_000) -> list[str]:
@@ -23,3 +26,23 @@ def tiny_config(corpus: list[str], **overrides) -> FPLDConfig:
                 block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=8, corpus=corpus, round_timeout=8.0)
     base.update(overrides)
     return FPLDConfig(**base).validate()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """True once predicate() holds, False after `timeout` seconds: the product's own wait."""
+    return wait_for(lambda: True if predicate() else None, seconds_left(timeout), poll=0.05) is not None
+
+
+def in_thread(fn: Callable[[], dict]) -> tuple[threading.Thread, dict]:
+    """Run a job in a daemon thread; box["report"] or box["error"] holds how it ended."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["report"] = fn()
+        except BaseException as e:  # surfaced by the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.aggregate import QuorumError, check_quorum, default_quorum, mean_logits
+from broker.round_gate import QuorumError, check_quorum, default_quorum
+from pipeline.aggregate import mean_logits
 
 
 def test_mean_logits_is_arithmetic_mean():

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.balanced_assignment import (
+from pipeline.smalltalk.balanced_assignment import (
     balanced_assignment,
     capacity,
     cluster_sizes,

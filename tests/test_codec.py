@@ -1,4 +1,4 @@
-"""Tests for broker.codec: round trips, size bounds, and strict rejection of bad payloads."""
+"""Tests for broker.wire.codec: round trips, size bounds, and strict rejection of bad payloads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.codec import (
+from broker.wire.codec import (
     FORMAT_VERSION,
     HEADER_LIMIT,
     MAX_NAME_BYTES,
@@ -23,7 +23,7 @@ from broker.codec import (
     decode_logits,
     encode_logits,
 )
-from broker.quantize import step_size
+from broker.wire.quantize import step_size
 
 SECRET = b"test-secret"
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from broker.codec import decode_logits, encode_logits
-from pipeline import conformal as cf
+from broker.wire.codec import decode_logits, encode_logits
+from pipeline.rag import conformal as cf
 
 
 @pytest.mark.parametrize("n, alpha, k", [(9, 0.1, 9), (99, 0.2, 80), (100, 0.1, 91), (19, 0.05, 19), (5, 0.1, 6),

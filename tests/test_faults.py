@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.faults import Fault, FaultSpecError, mangle, parse_fault
+from broker.faults import Fault, FaultSpecError, mangle, parse_fault
 
 
 def test_parse_fault_forms():

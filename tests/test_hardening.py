@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from broker.embedded import WorkerSpec
 from broker.jobs import JobRecord
 from broker.settings import FleetSettings
 from broker.store import Store
-from pipeline.fpld import drive, load_domains, local_fleet, prepare_data
-from tests.fleet import tiny_config, tiny_corpus
+from pipeline.fpld.driver import drive, load_domains, local_fleet, prepare_data
+from tests.fleet import in_thread, tiny_config, tiny_corpus, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,27 +21,6 @@ def setup(tmp_path_factory):
     return corpus, prepare_data(cfg, load_domains(cfg))
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _run_in_thread(fn):
-    box: dict = {}
-
-    def target():
-        try:
-            box["report"] = fn()
-        except BaseException as e:  # surfaced by the test below
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, box
 
 
 def _merges_per_round(store: Store, job_id: str) -> dict[int, int]:
@@ -63,9 +39,9 @@ def test_sigkilled_node_worker_is_redelivered_after_restart(setup):
     with local_fleet(cfg, data, settings) as fleet:
         store = Store.from_url(fleet.settings.backend_url)
         fleet.wait_ready(store.r)
-        t, box = _run_in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-sigkill"))
+        t, box = in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-sigkill"))
         # kill once the first checkpoint (step 50) is on disk
-        assert _wait_for(lambda: int(store.node_state("fpld-sigkill", 0, "1").get("step", 0)) >= 60, 60)
+        assert wait_until(lambda: int(store.node_state("fpld-sigkill", 0, "1").get("step", 0)) >= 60, 60)
         fleet.kill_worker("node1")
         fleet.start_worker(WorkerSpec("node", 1, fleet.specs[1].data))  # what a restart policy does
         t.join(180)
@@ -98,8 +74,8 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(setup):
     with local_fleet(cfg, data, settings, appendonly=True) as fleet:
         store = Store.from_url(fleet.settings.backend_url)
         fleet.wait_ready(store.r)
-        t, box = _run_in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-restart"))
-        assert _wait_for(lambda: store.node_state("fpld-restart", 0, "0").get("status") == "running", 60)
+        t, box = in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-restart"))
+        assert wait_until(lambda: store.node_state("fpld-restart", 0, "0").get("status") == "running", 60)
         fleet.redis.restart(down_s=1.0)
         t.join(300)
         assert "error" not in box, box.get("error")

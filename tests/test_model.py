@@ -1,4 +1,4 @@
-"""Tests for pipeline.model (GPT) and pipeline.checkpoint (safetensors round trip)."""
+"""Tests for pipeline.models.gpt (GPT) and pipeline.models.checkpoint (safetensors round trip)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import struct
 import pytest
 import torch
 
-from pipeline.checkpoint import load_model, model_from_bytes, model_to_bytes, save_model
-from pipeline.model import GPT, GPTConfig
+from pipeline.models.checkpoint import load_model, model_from_bytes, model_to_bytes, save_model
+from pipeline.models.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32)
 

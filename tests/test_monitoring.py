@@ -16,7 +16,7 @@ import pytest
 from broker.embedded import free_port
 from broker.settings import FleetSettings
 from broker.store import Store
-from pipeline.fpld import drive, load_domains, local_fleet, prepare_data
+from pipeline.fpld.driver import drive, load_domains, local_fleet, prepare_data
 from tests.fleet import tiny_config, tiny_corpus
 
 pytestmark = pytest.mark.integration

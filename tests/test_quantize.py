@@ -1,4 +1,4 @@
-"""Tests for broker.quantize: the FPLD uniform quantizer with subtractive dither, and bit packing."""
+"""Tests for broker.wire.quantize: the FPLD uniform quantizer with subtractive dither, and bit packing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.quantize import (
+from broker.wire.quantize import (
     code_dtype,
     dequantize,
     dither,

@@ -19,13 +19,14 @@ from click.testing import CliRunner
 from broker.embedded import EmbeddedFleet, WorkerSpec
 from broker.settings import FleetSettings
 from broker.store import Store
-from pipeline import conformal, rag_run
-from pipeline.checkpoint import save_model
 from pipeline.data import load_corpus
-from pipeline.model import GPT, GPTConfig
-from pipeline.rag import Client, RunDir, load_student, node_shards
-from pipeline.rag_config import RAGConfig
-from pipeline.train import train_lm
+from pipeline.models.checkpoint import save_model
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.train import train_lm
+from pipeline.rag import conformal
+from pipeline.rag import run as rag_run
+from pipeline.rag.config import RAGConfig
+from pipeline.rag.driver import Client, RunDir, load_student, node_shards
 from tests.fleet import tiny_corpus
 
 pytestmark = pytest.mark.integration
@@ -95,7 +96,7 @@ def test_eval_on_a_fleet_covers_as_calibrated(fleet):
 
 def test_cli_calibrate_and_query_against_the_fleet(fleet, tmp_path):
     """`rag index/calibrate/query --broker`: the run dir carries the job; query prints the set."""
-    from pipeline.rag_cli import rag
+    from pipeline.rag.cli import rag
 
     f, _, corpus, _, student, _ = fleet
     fleet_args = ["--broker", f.settings.broker_url, "--secret", f.settings.secret, "--run", str(tmp_path / "run"),
@@ -147,7 +148,7 @@ def test_slow_node_is_dropped_and_the_bound_follows(fleet):
     assert three["rag"] / three["f_max"] == pytest.approx(full["rag"] / full["f_max"] * math.sqrt(4 / 3))
     job, rnd = rep["job"], rep["rounds"][0]["round"]
     end = time.monotonic() + 20
-    from pipeline.rag_config import QUERY_TTL
+    from pipeline.rag.config import QUERY_TTL
 
     qstore = Store(store.r, ttl=QUERY_TTL)
     while time.monotonic() < end and qstore.node_state(job, rnd, "3").get("late_at") is None:
@@ -167,7 +168,7 @@ def test_cli_eval_then_query_on_the_embedded_default(tmp_path):
     run = tmp_path / "run"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.rag_cli", *args, "--run", str(run)], cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "pipeline.rag.cli", *args, "--run", str(run)], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=180)
 
     res = cli("eval", "--nodes", "2", "--corpus", corpus[0], "--corpus", corpus[1], "--student", str(student),

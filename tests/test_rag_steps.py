@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from broker.codec import PayloadError
-from pipeline import rag_steps
-from pipeline.model import GPT, GPTConfig
-from pipeline.rag_config import RAGConfig, RAGConfigError
-from pipeline.retrieval import PassageIndex, TfidfEmbedder
+from broker.wire.codec import PayloadError
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.rag import steps as rag_steps
+from pipeline.rag.config import RAGConfig, RAGConfigError
+from pipeline.rag.retrieval import PassageIndex, TfidfEmbedder
 
 SECRET = b"test-secret"
 
@@ -145,27 +145,27 @@ def test_config_is_strict():
 
 def test_node_index_persists_in_the_state_dir(tmp_path, monkeypatch):
     """Built once, then found on disk by a fresh worker process (memory cache cleared)."""
-    from workers import rag_tasks, tasks
+    from workers import base, rag
 
     data = tmp_path / "private.txt"
     data.write_bytes(b"Once upon a time there was a node with private text. " * 200)
     monkeypatch.setenv("LMTEAM_NODE_DATA", str(data))
     monkeypatch.setenv("LMTEAM_STATE_DIR", str(tmp_path / "state"))
-    caches = (tasks.private_tokens, rag_tasks._data_sha)
+    caches = (base.private_tokens, rag._data_sha)
     for c in caches:
         c.cache_clear()
-    rag_tasks._INDEXES.clear()
+    rag._INDEXES.clear()
     try:
         cfg = RAGConfig(passage_bytes=64, embed_dim=64).validate()
-        _, first = rag_tasks.node_index(cfg)
+        _, first = rag.node_index(cfg)
         assert first["source"] == "built" and first["passages"] == len(data.read_bytes()) // 64
         assert (tmp_path / "state" / "rag" / f"index-{first['index']}" / "index.safetensors").exists()
-        assert rag_tasks.node_index(cfg)[1]["source"] == "memory"
-        rag_tasks._INDEXES.clear()  # a new worker process
-        assert rag_tasks.node_index(cfg)[1]["source"] == "disk"
-        other = rag_tasks.node_index(RAGConfig(passage_bytes=32, embed_dim=64).validate())[1]
+        assert rag.node_index(cfg)[1]["source"] == "memory"
+        rag._INDEXES.clear()  # a new worker process
+        assert rag.node_index(cfg)[1]["source"] == "disk"
+        other = rag.node_index(RAGConfig(passage_bytes=32, embed_dim=64).validate())[1]
         assert other["source"] == "built" and other["index"] != first["index"]
     finally:
         for c in caches:
             c.cache_clear()
-        rag_tasks._INDEXES.clear()
+        rag._INDEXES.clear()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.report_cli import report as report_cmd
-from pipeline.report_html import node_rows, render_report, team
-from pipeline.team_metrics import NodeSpan, RoundTiming, team_metrics
+from pipeline.report.cli import report as report_cmd
+from pipeline.report.html import node_rows, render_report, team
+from pipeline.report.team_metrics import NodeSpan, RoundTiming, team_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T0 = 1_800_000_000.0

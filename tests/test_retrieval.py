@@ -7,9 +7,9 @@ import builtins
 import numpy as np
 import pytest
 
-from pipeline import retrieval
 from pipeline.data import default_corpus
-from pipeline.retrieval import INDEX_FILE, PassageIndex, TfidfEmbedder, chunk_passages, make_embedder
+from pipeline.rag import retrieval
+from pipeline.rag.retrieval import INDEX_FILE, PassageIndex, TfidfEmbedder, chunk_passages, make_embedder
 
 
 @pytest.fixture(scope="module")

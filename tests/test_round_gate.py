@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from broker.codec import PayloadError
+from broker.round_gate import classify_nodes, quorum_error, wait_and_seal
 from broker.store import Store
-from workers.round_gate import classify_nodes, quorum_error, wait_and_seal
+from broker.wire.codec import PayloadError
 
 
 def _decode(node: str, payload: bytes) -> tuple[object, int]:
@@ -40,11 +40,10 @@ def test_a_node_arriving_wakes_the_wait_before_the_deadline(redis_client):
 
     def late_arrival() -> None:
         time.sleep(0.3)
-        st.submit_payload("j", 1, "1", b"good")
-        st.r.rpush("wake", "1")
+        st.submit_payload("j", 1, "1", b"good")  # pushes to the round's wake-up list
 
     threading.Thread(target=late_arrival).start()
     t0 = time.monotonic()
-    states, _ = wait_and_seal(st, "j", 1, ["0", "1"], deadline=st.now() + 30, wake_key="wake")
+    states, _ = wait_and_seal(st, "j", 1, ["0", "1"], deadline=st.now() + 30)
     assert time.monotonic() - t0 < 5
     assert {n: s["status"] for n, s in states.items()} == {"0": "arrived", "1": "arrived"}

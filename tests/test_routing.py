@@ -11,10 +11,10 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.data import encode, windows
-from pipeline.model import GPT, GPTConfig
-from pipeline.routing import fit_tfidf_router, prefix_losses, random_routing, route
-from pipeline.smalltalk_eval import cluster_stats
-from pipeline.train import train_sequences
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.train import train_sequences
+from pipeline.smalltalk.eval import cluster_stats
+from pipeline.smalltalk.routing import fit_tfidf_router, prefix_losses, random_routing, route
 
 
 def _router(seed: int, block: int = 16) -> GPT:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.settings import FleetSettings, SettingsError, redact_url
-from pipeline.fpld_config import ConfigError, FPLDConfig
+from pipeline.fpld.config import ConfigError, FPLDConfig
 
 
 def test_settings_from_env_and_overrides(monkeypatch):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.smalltalk_eval import ppl_ratio_ci
+from pipeline.smalltalk.eval import ppl_ratio_ci
 
 
 def test_identical_models_give_a_zero_width_interval():

@@ -4,8 +4,6 @@ expert worker, and a run resumed from its run dir on a fresh fleet."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -13,10 +11,10 @@ from broker.embedded import WorkerSpec
 from broker.jobs import JobRecord
 from broker.settings import FleetSettings
 from broker.store import Store
-from pipeline.smalltalk import drive, embedded_fleet
-from pipeline.smalltalk_config import SmallTalkConfig
-from pipeline.smalltalk_data import RunDir, load_domains, prepare_data
-from tests.fleet import tiny_corpus
+from pipeline.smalltalk.config import SmallTalkConfig
+from pipeline.smalltalk.data import RunDir, load_domains, prepare_data
+from pipeline.smalltalk.driver import drive, embedded_fleet
+from tests.fleet import in_thread, tiny_corpus, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,27 +32,13 @@ def corpus(tmp_path_factory):
     return tiny_corpus(tmp_path_factory.mktemp("corpus"), domains=3, size=20_000)
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
+def _untrained_ppl(cfg: SmallTalkConfig, data) -> float:
+    from pipeline.models.train import perplexity
+    from pipeline.smalltalk.steps import new_expert
 
-def _in_thread(fn):
-    box: dict = {}
+    return perplexity(new_expert(cfg), data.eval)
 
-    def target():
-        try:
-            box["report"] = fn()
-        except BaseException as e:  # surfaced by the test
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, box
 
 
 def test_sigkilled_expert_worker_resumes_from_its_checkpoint(corpus, tmp_path):
@@ -65,14 +49,14 @@ def test_sigkilled_expert_worker_resumes_from_its_checkpoint(corpus, tmp_path):
     with embedded_fleet(FleetSettings(visibility_timeout=8)) as fleet:
         store = Store.from_url(fleet.settings.backend_url)
         job = "smalltalk-sigkill"
-        t, box = _in_thread(lambda: drive(cfg, fleet.settings, data, RunDir(tmp_path / "run"), job_id=job))
+        t, box = in_thread(lambda: drive(cfg, fleet.settings, data, RunDir(tmp_path / "run"), job_id=job))
         stage2 = cfg.em_rounds
 
         def past_first_checkpoint() -> bool:
             s = store.node_state(job, stage2, "expert0")
             return int(s.get("checkpoint_step", 0) or 0) >= 50 and s.get("status") == "running"
 
-        assert _wait_for(past_first_checkpoint, 90), store.node_state(job, stage2, "expert0")
+        assert wait_until(past_first_checkpoint, 90), store.node_state(job, stage2, "expert0")
         fleet.kill_worker("expert")  # SIGKILL, whole process group: the task dies unacknowledged
         state = store.node_state(job, stage2, "expert0")
         # progress ("step") is reported every few steps and can lag the last checkpoint
@@ -87,13 +71,14 @@ def test_sigkilled_expert_worker_resumes_from_its_checkpoint(corpus, tmp_path):
         assert 50 <= int(e0["resumed_from"]) <= killed_at  # from its last checkpoint, not from scratch
         assert all(report["tasks"][n]["status"] == "done" for n in cfg.expert_names)
         assert JobRecord(store.r, job).get()["status"] == "succeeded"
-        assert report["summary"]["mixture_ppl"] > 1.0
+        # trained experts, routed: well below what the shared initial weights give on the same text
+        assert report["summary"]["mixture_ppl"] < 0.5 * _untrained_ppl(cfg, data)
         assert sum(c["size"] for c in report["clusters"]["clusters"]) == len(data.train)
 
         # `lmteam status JOB` shows every task of the job, the resumed expert included
         from rich.console import Console
 
-        from pipeline.status import print_job
+        from pipeline.report.status import print_job
 
         console = Console(record=True, width=200)
         print_job(store.r, JobRecord(store.r, job).get() | {"id": job}, "http://fl", console)
@@ -112,8 +97,8 @@ def test_run_resumes_on_a_fresh_fleet_and_evaluates(corpus, tmp_path):
     data = prepare_data(cfg, load_domains(cfg))
     run = RunDir(tmp_path / "run")
     with embedded_fleet(FleetSettings(visibility_timeout=30)) as fleet:
-        t, box = _in_thread(lambda: drive(cfg, fleet.settings, data, run, job_id="smalltalk-first"))
-        assert _wait_for(lambda: run.checkpoint_file("0").exists(), 90)
+        t, box = in_thread(lambda: drive(cfg, fleet.settings, data, run, job_id="smalltalk-first"))
+        assert wait_until(lambda: run.checkpoint_file("0").exists(), 90)
     # the fleet (Redis and workers) is gone; the first submitter is left failing in its thread
     state = json.loads(run.state_file.read_text())
     assert state["em_rounds_done"] == cfg.em_rounds
@@ -125,10 +110,12 @@ def test_run_resumes_on_a_fresh_fleet_and_evaluates(corpus, tmp_path):
         assert workers == {"expert", "expert1"}  # two expert workers shared the experts and the dense model
     assert report["first_job"] == "smalltalk-first"
     assert int(report["tasks"]["0"]["resumed_from"]) >= 50
-    assert report["summary"]["dense_ppl"] > 1.0
+    summary = report["summary"]
+    assert summary["dense_ppl"] < 0.5 * _untrained_ppl(cfg, data)
+    assert summary["ppl_change"] == pytest.approx(summary["mixture_ppl"] / summary["dense_ppl"] - 1, rel=1e-6)
     assert json.loads(run.report_file.read_text())["job"] == "smalltalk-second"
 
-    from pipeline.smalltalk_local import evaluate_run, generate
+    from pipeline.smalltalk.local import evaluate_run, generate
 
     ev = evaluate_run(run.path)
     assert ev["ppl"] == pytest.approx(report["summary"]["mixture_ppl"], rel=1e-6)
@@ -152,7 +139,7 @@ def test_cli_train_eval_generate(corpus, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMTEAM_")} | {"PYTHONPATH": str(root)}
 
     def st(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.smalltalk_cli", *args], cwd=tmp_path, env=env,
+        return subprocess.run([sys.executable, "-m", "pipeline.smalltalk.cli", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=180)
 
     run = tmp_path / "run"

@@ -7,19 +7,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from broker.codec import PayloadError
+from broker.wire.codec import PayloadError
 from pipeline.data import windows_from_bytes, windows_to_bytes
-from pipeline.smalltalk_cli import standalone
-from pipeline.smalltalk_config import SmallTalkConfig, SmallTalkConfigError
-from pipeline.smalltalk_data import (
+from pipeline.smalltalk.cli import standalone
+from pipeline.smalltalk.config import SmallTalkConfig, SmallTalkConfigError
+from pipeline.smalltalk.data import (
     RunDir,
     assignment_from_bytes,
     assignment_to_bytes,
     load_domains,
     prepare_data,
 )
-from pipeline.smalltalk_eval import evaluate_mixture, flops
-from pipeline.smalltalk_steps import (
+from pipeline.smalltalk.eval import evaluate_mixture, flops
+from pipeline.smalltalk.steps import (
     decode_scores,
     encode_scores,
     local_em,
@@ -155,8 +155,8 @@ def test_cli_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
 
 def test_expert_training_resumed_from_a_checkpoint_matches_an_uninterrupted_run(corpus):
     """What a redelivered expert task does: state from the last checkpoint blob, same batches after it."""
-    from pipeline.train import Checkpointing
-    from pipeline.train_state import state_from_bytes, state_to_bytes
+    from pipeline.models.train import Checkpointing
+    from pipeline.models.train_state import state_from_bytes, state_to_bytes
 
     cfg = tiny(corpus, expert_steps=30, checkpoint_every=10)
     seqs = prepare_data(cfg, load_domains(cfg)).train[:200]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.team_metrics import NodeSpan, RoundTiming, amdahl, team_metrics
+from pipeline.report.team_metrics import NodeSpan, RoundTiming, amdahl, team_metrics
 
 
 def test_amdahl_bound():

@@ -1,4 +1,4 @@
-"""Tests for pipeline.train: LM training, probe logits, distillation, perplexity, KL, FLOPs."""
+"""Tests for pipeline.models.train: LM training, probe logits, distillation, perplexity, KL, FLOPs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.data import encode, windows
-from pipeline.model import GPT, GPTConfig
-from pipeline.train import distill, mean_kl, perplexity, probe_logits, train_flops, train_lm
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.train import distill, mean_kl, perplexity, probe_logits, train_flops, train_lm
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 REPETITIVE = encode("abcdefgh ijklmnop qrstuvwx yz. " * 200)

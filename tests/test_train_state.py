@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.model import GPT, GPTConfig
-from pipeline.train import Checkpointing, train_lm
-from pipeline.train_state import load_state, save_state, state_from_bytes, state_to_bytes
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.train import Checkpointing, train_lm
+from pipeline.models.train_state import load_state, save_state, state_from_bytes, state_to_bytes
 
 CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 TOKENS = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 40, dtype=np.uint8)

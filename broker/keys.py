@@ -1,0 +1,94 @@
+"""Every name the fleet's processes must agree on: Redis keys, task names, queue names.
+
+Submitters send tasks by name and never import task code (nor torch) to do it, so these strings
+are the protocol between `pipeline/` drivers and `workers/`. One place, so a typo cannot create
+a queue nobody consumes or a key nobody reads.
+"""
+
+from __future__ import annotations
+
+PREFIX = "lmteam"
+
+# --- queues -----------------------------------------------------------------------------------
+AGGREGATOR_QUEUE = "aggregator"
+EXPERT_QUEUE = "experts"
+NODE_QUEUE_PREFIX = "node."
+
+
+def node_queue(node_id: int | str) -> str:
+    """A node's own queue: only the worker holding that node's private data consumes it."""
+    return f"{NODE_QUEUE_PREFIX}{node_id}"
+
+
+# --- task names -------------------------------------------------------------------------------
+FPLD_NODE_TASK = "lmteam.fpld.node_round"
+FPLD_AGGREGATE_TASK = "lmteam.fpld.aggregate_round"
+RAG_INDEX_TASK = "lmteam.rag.node_index"
+RAG_SCORE_TASK = "lmteam.rag.node_score"
+RAG_AGGREGATE_TASK = "lmteam.rag.aggregate"
+SMALLTALK_ROUTER_TASK = "lmteam.smalltalk.train_router"
+SMALLTALK_SCORE_TASK = "lmteam.smalltalk.score"
+SMALLTALK_EXPERT_TASK = "lmteam.smalltalk.train_expert"
+
+# Tasks whose third argument is the node id: they go to that node's queue.
+NODE_TASKS = frozenset({FPLD_NODE_TASK, RAG_INDEX_TASK, RAG_SCORE_TASK})
+STATIC_ROUTES = {
+    FPLD_AGGREGATE_TASK: AGGREGATOR_QUEUE,
+    RAG_AGGREGATE_TASK: AGGREGATOR_QUEUE,
+    SMALLTALK_ROUTER_TASK: EXPERT_QUEUE,
+    SMALLTALK_SCORE_TASK: AGGREGATOR_QUEUE,
+    SMALLTALK_EXPERT_TASK: EXPERT_QUEUE,
+}
+
+# --- Redis keys -------------------------------------------------------------------------------
+JOBS = f"{PREFIX}:jobs"  # sorted set of job ids by creation time
+WORKERS = f"{PREFIX}:workers"  # hash: celery hostname -> registry entry (JSON)
+SECRET_FINGERPRINT = f"{PREFIX}:fleet:secret-fingerprint"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def blob(job_id: str, name: str) -> str:
+    return f"{PREFIX}:blob:{job_id}:{name}"
+
+
+def payload(job_id: str, rnd: int, node: str) -> str:
+    return f"{PREFIX}:payload:{job_id}:{rnd}:{node}"
+
+
+def node(job_id: str, rnd: int, node_name: str) -> str:
+    return f"{PREFIX}:node:{job_id}:{rnd}:{node_name}"
+
+
+def node_scan_prefix(job_id: str) -> str:
+    """Prefix of every per-round node hash of a job (for `lmteam status` of any job kind)."""
+    return f"{PREFIX}:node:{job_id}:"
+
+
+def closed(job_id: str, rnd: int) -> str:
+    return f"{PREFIX}:closed:{job_id}:{rnd}"
+
+
+def round_result(job_id: str, rnd: int) -> str:
+    return f"{PREFIX}:round:{job_id}:{rnd}"
+
+
+def arrived(job_id: str, rnd: int) -> str:
+    """List a node pushes to when its part of a round is over: wakes whoever waits for the nodes."""
+    return f"{PREFIX}:arrive:{job_id}:{rnd}"
+
+
+def done(job_id: str, rnd: int) -> str:
+    """List pushed to once a round's result is written: wakes the submitter at once."""
+    return f"{PREFIX}:done:{job_id}:{rnd}"
+
+
+def round_counter(job_id: str) -> str:
+    """Next round number of a job whose rounds are numbered as they come (FC-RAG queries)."""
+    return f"{PREFIX}:rounds:{job_id}"

@@ -1,0 +1,234 @@
+"""Run an FPLD job: prepare public data, dispatch rounds to the node queues, collect the report.
+
+The same code drives an embedded fleet (private Redis and local workers, started here) and a real
+one (`--broker redis://...`): only where the workers come from differs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from celery import Celery
+
+from broker import keys
+from broker.app import client_app
+from broker.auth import check_fleet_secret, connect_checked
+from broker.embedded import EmbeddedFleet, WorkerSpec
+from broker.jobs import JobFailed, JobRecord, JobStatus, new_job_id
+from broker.registry import live_queues
+from broker.settings import FleetSettings
+from broker.store import Store
+from broker.waiting import seconds_left, wait_for
+from pipeline.data import (
+    Domain,
+    assign_shards,
+    default_corpus,
+    load_corpus,
+    split_domain,
+    windows,
+    windows_to_bytes,
+)
+from pipeline.files import write_atomic
+from pipeline.fpld.config import FPLDConfig
+from pipeline.fpld.steps import initial_student
+from pipeline.models.checkpoint import model_from_bytes, model_to_bytes
+from pipeline.models.train import perplexity
+from pipeline.report.progress import NullProgress
+from pipeline.report.team_metrics import NodeSpan, RoundTiming, team_metrics
+
+
+@dataclass
+class PublicData:
+    """What the submitter knows: the public probe set, the held-out mixture, and (embedded) shards."""
+
+    probe: torch.Tensor  # (probe_seqs, block_size + 1)
+    eval: torch.Tensor  # (eval_seqs, block_size + 1)
+    shards: list[np.ndarray]  # private training text per node (embedded fleet only)
+    domains: list[str]
+
+
+def load_domains(cfg: FPLDConfig) -> list[Domain]:
+    return load_corpus(cfg.corpus) if cfg.corpus else default_corpus()
+
+
+def _spread(parts: list[np.ndarray], block: int, n: int) -> torch.Tensor:
+    """n windows taken evenly from every domain's part: an equal-weight mixture."""
+    per = [windows(p, block) for p in parts]
+    picks, i = [], 0
+    while len(picks) < n:
+        w = per[i % len(per)]
+        k = i // len(per)
+        if k < len(w):
+            picks.append(w[k])
+        elif all(i // len(per) >= len(x) for x in per):
+            break
+        i += 1
+    return torch.stack(picks)
+
+
+def prepare_data(cfg: FPLDConfig, domains: list[Domain]) -> PublicData:
+    """Split each domain into private train / public probe / held-out eval; nothing overlaps."""
+    splits = [split_domain(d.tokens) for d in domains]
+    probe = _spread([s[1] for s in splits], cfg.block_size, cfg.probe_seqs)
+    evals = _spread([s[2] for s in splits], cfg.block_size, cfg.eval_seqs)
+    shards = assign_shards([s[0] for s in splits], cfg.nodes)
+    return PublicData(probe, evals, shards, [d.name for d in domains])
+
+
+@contextmanager
+def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, workdir: Path | None = None,
+                appendonly: bool = False, tls: bool = False):
+    """An embedded fleet whose node workers hold this job's private shards."""
+    with tempfile.TemporaryDirectory(prefix="lmteam-shards-") as tmp:
+        specs = []
+        for i, shard in enumerate(data.shards):
+            path = Path(tmp) / f"node{i}.txt"
+            path.write_bytes(shard.tobytes())
+            specs.append(WorkerSpec("node", i, (str(path),)))
+        specs.append(WorkerSpec("aggregator"))
+        with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly, tls=tls) as fleet:
+            yield fleet
+
+
+def run_fpld(cfg: FPLDConfig, settings: FleetSettings, *, out_dir: Path | None = None,
+             progress: NullProgress | None = None, job_id: str | None = None) -> dict:
+    """Run a whole job on the configured fleet (or an embedded one) and return its report."""
+    cfg.validate()
+    settings.validate()
+    data = prepare_data(cfg, load_domains(cfg))  # bad input fails here, before anything starts
+    progress = progress or NullProgress()
+    if settings.broker_url is None:
+        progress.message(f"starting an embedded fleet: private redis-server, {cfg.nodes} node workers, 1 aggregator")
+        with local_fleet(cfg, data, settings) as fleet:
+            fleet.wait_ready(Store.from_url(fleet.settings.backend_url).r)
+            return drive(cfg, fleet.settings, data, out_dir=out_dir, progress=progress, job_id=job_id)
+    return drive(cfg, settings, data, out_dir=out_dir, progress=progress, job_id=job_id)
+
+
+def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir: Path | None = None,
+          progress: NullProgress | None = None, job_id: str | None = None) -> dict:
+    """Submit the job to a running fleet and follow it round by round."""
+    progress = progress or NullProgress()
+    app = client_app(settings)
+    st = Store(connect_checked(settings.backend_url), ttl=settings.blob_ttl)
+    check_fleet_secret(st.r, settings.secret)
+    _warn_missing_workers(st, cfg, progress)
+    job_id = job_id or new_job_id("fpld")
+    job = JobRecord.create(st.r, job_id, "fpld", cfg.to_dict(), settings.public_dict(), ttl=settings.blob_ttl)
+    st.put_blob(job_id, "probe", windows_to_bytes(data.probe))
+    st.put_blob(job_id, "eval", windows_to_bytes(data.eval))
+    st.put_blob(job_id, "student/0", model_to_bytes(initial_student(cfg)))
+    job.set_status(JobStatus.RUNNING)
+    progress.message(f"job {job_id}: {cfg.nodes} nodes x {cfg.rounds} rounds at {cfg.bits} bits")
+    rounds, timings = [], []
+    t_job = time.time()
+    try:
+        with progress:
+            for rnd in range(cfg.rounds):
+                result, timing = _run_round(app, cfg, st, job, rnd, progress)
+                rounds.append(result)
+                timings.append(timing)
+                if result["status"] != "ok":
+                    raise JobFailed(result["error"])
+    except BaseException as e:
+        job.set_status(JobStatus.FAILED, error=str(e) or type(e).__name__)
+        raise
+    finally:
+        app.close()
+    report = build_report(cfg, settings, job_id, data, rounds, timings, st, time.time() - t_job)
+    job.set(report=report)
+    job.set_status(JobStatus.SUCCEEDED)
+    if out_dir is not None:
+        write_atomic(out_dir / "student.safetensors", st.get_blob(job_id, f"student/{cfg.rounds}"))
+        write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    return report
+
+
+def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: NullProgress):
+    nodes = cfg.node_ids
+    dispatched = time.time()
+    deadline = st.now() + cfg.round_timeout
+    job.set(round=rnd)
+    job.event("round_start", round=rnd, deadline=deadline)
+    progress.round_started(rnd, cfg.rounds, nodes, cfg.local_steps, cfg.distill_steps)
+    for node in nodes:
+        app.send_task(keys.FPLD_NODE_TASK, args=[job.id, rnd, node], shadow=f"fpld node {node} r{rnd} {job.id}")
+    app.send_task(keys.FPLD_AGGREGATE_TASK, args=[job.id, rnd, deadline], shadow=f"fpld aggregate r{rnd} {job.id}")
+
+    def finished() -> dict | None:
+        progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"]))
+        return st.round_result(job.id, rnd)
+
+    # The aggregator decides the round; we only watch. Allow it time to distill after the deadline.
+    result = wait_for(finished, seconds_left(cfg.round_timeout + 600 + 20 * cfg.distill_steps), client=st.r,
+                      wake=keys.done(job.id, rnd))
+    if result is None:
+        raise JobFailed(f"round {rnd}: no result from the aggregator (is an aggregator worker running?)")
+    states = st.round_nodes(job.id, rnd, nodes)
+    progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"]))
+    spans = [NodeSpan(n, float(s["started_at"]), float(s["finished_at"]), int(s.get("payload_bytes", 0)),
+                      float(s.get("cpu_s", 0.0)))
+             for n, s in states.items() if result["nodes"][n]["status"] == "merged"]
+    ended = float(result.get("finished_at", time.time()))
+    timing = RoundTiming(dispatched, spans, ended - float(result["sealed_at"]), ended)
+    result = {**result, "dispatched_at": dispatched, "round_s": ended - dispatched, "node_metrics": states}
+    if result["status"] == "ok":
+        late = [n for n, v in result["nodes"].items() if v["status"] != "merged"]
+        progress.message(f"round {rnd + 1}/{cfg.rounds}: merged {result['merged']}/{cfg.nodes}"
+                         + (f" (dropped {', '.join(late)})" if late else "")
+                         + f", student ppl {result['student_ppl']:.2f}, {ended - dispatched:.1f}s")
+    return result, timing
+
+
+def _warn_missing_workers(st: Store, cfg: FPLDConfig, progress: NullProgress) -> None:
+    queues = {w["queue"] for w in live_queues(st.r).values()}
+    missing = [keys.node_queue(n) for n in cfg.node_ids if keys.node_queue(n) not in queues]
+    if keys.AGGREGATOR_QUEUE not in queues:
+        missing.append(keys.AGGREGATOR_QUEUE)
+    if missing:
+        progress.message(f"warning: no registered worker consumes {', '.join(missing)}; "
+                         "tasks wait in those queues until one starts")
+
+
+def build_report(cfg: FPLDConfig, settings: FleetSettings, job_id: str, data: PublicData, rounds: list[dict],
+                 timings: list[RoundTiming], st: Store, wall_s: float) -> dict:
+    last = rounds[-1]
+    local_ppl = {n: s.get("local_ppl") for n, s in last["node_metrics"].items() if s.get("local_ppl") is not None}
+    sent = {n: sum(int(r["node_metrics"][n].get("payload_bytes", 0) or 0) for r in rounds
+                   if r["nodes"][n]["status"] == "merged") for n in cfg.node_ids}
+    side = {n: sum(int(r["node_metrics"][n].get("teacher_kl_bytes", 0) or 0) for r in rounds) for n in cfg.node_ids}
+    f32 = cfg.probe_seqs * cfg.block_size * 256 * 4
+    base = model_from_bytes(st.get_blob(job_id, "student/0"))
+    return {
+        "job": job_id,
+        "kind": "fpld",
+        "config": cfg.to_dict(),
+        "settings": settings.public_dict(),
+        "domains": data.domains,
+        "summary": {
+            "student_ppl": last["student_ppl"],
+            "initial_ppl": perplexity(base, data.eval),
+            "local_ppl": local_ppl,
+            "local_ppl_mean": float(np.mean(list(local_ppl.values()))) if local_ppl else None,
+            "teacher_kl": last.get("teacher_kl"),
+            "bytes_per_node": sent,
+            # --measure-teacher-kl: float32 logits sent beside the payload, only to measure KL
+            "teacher_kl_bytes_per_node": side if any(side.values()) else None,
+            "float32_bytes_per_round": f32,
+            "round_s": [r["round_s"] for r in rounds],
+            "wall_s": wall_s,
+            "dropped": {str(r["round"]): [n for n, v in r["nodes"].items() if v["status"] == "late"] for r in rounds},
+            "retried": {str(r["round"]): [n for n, v in r["nodes"].items() if v["retries"]] for r in rounds},
+            "rejected": {str(r["round"]): [n for n, v in r["nodes"].items() if v["status"] == "rejected"]
+                         for r in rounds},
+        },
+        "rounds": rounds,
+        "team": team_metrics(timings, workers=cfg.nodes),
+    }

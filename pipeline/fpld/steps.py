@@ -1,0 +1,95 @@
+"""The two halves of an FPLD round as plain functions: what a node does, what the aggregator does.
+
+Celery tasks (workers/fpld.py) only fetch inputs from the store, call these, and write outputs.
+Paper: Dubey & Huo, "Federated probe-logit distillation", arXiv 2605.09986, Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from broker.wire.codec import encode_logits
+from pipeline.aggregate import mean_logits
+from pipeline.fpld.config import FPLDConfig
+from pipeline.models.checkpoint import model_from_bytes, model_to_bytes
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.train import Checkpointing, distill, mean_kl, perplexity, probe_logits, train_lm
+from pipeline.models.train_state import load_state, save_state
+from pipeline.seeds import derive_seed
+
+Progress = Callable[[int, float], None]
+
+
+def initial_student(cfg: FPLDConfig) -> GPT:
+    """The shared base P^(0): a randomly initialised model, identical everywhere (seeded)."""
+    torch.manual_seed(cfg.seed)
+    return GPT(GPTConfig.from_dict(cfg.model_config()))
+
+
+@dataclass
+class NodeOutput:
+    payload: bytes
+    full_logits: np.ndarray | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def node_round(cfg: FPLDConfig, *, job: str, rnd: int, node: str, student: bytes, private: np.ndarray,
+               probe: torch.Tensor, eval_windows: torch.Tensor | None, secret: bytes,
+               progress: Progress | None = None, checkpoint: Path | None = None) -> NodeOutput:
+    """Fine-tune the broadcast student on private text, then send B-bit logits on the probe set.
+
+    With `checkpoint` (a node-local file), local training saves its state every
+    cfg.checkpoint_every steps and a redelivered task resumes from it.
+    """
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    state = load_state(checkpoint) if checkpoint else None
+    model = state.model if state else model_from_bytes(student)
+    ckpt = Checkpointing(
+        every=cfg.checkpoint_every if checkpoint else 0,
+        save=(lambda step, opt: save_state(checkpoint, step, model, opt)) if checkpoint else None,
+        resume_step=state.step if state else 0, resume_optimizer=state.optimizer if state else None)
+    losses = train_lm(model, private, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                      seed=derive_seed(job, rnd, node, "train"), progress=progress, checkpointing=ckpt)
+    t1 = time.perf_counter()
+    logits = probe_logits(model, probe)  # (probe_seqs * block_size, V)
+    t2 = time.perf_counter()
+    payload = encode_logits(logits, secret=secret, job=job, round=rnd, node=node, bits=cfg.bits,
+                            clip=cfg.clip, dither_seed=derive_seed(job, rnd, node, "dither") if cfg.dither else None,
+                            compress=cfg.compress)
+    t3 = time.perf_counter()
+    metrics = {"train_loss": float(np.mean(losses[-10:])) if losses else float("nan"), "t_train": t1 - t0,
+               "resumed_from": state.step if state else 0, "t_logits": t2 - t1,
+               "t_encode": t3 - t2, "payload_bytes": len(payload), "float32_bytes": logits.size * 4}
+    if eval_windows is not None:
+        metrics["local_ppl"] = perplexity(model, eval_windows)
+        metrics["t_eval"] = time.perf_counter() - t3
+    # CPU seconds next to wall seconds: on an oversubscribed machine wall time overstates the work.
+    metrics["cpu_s"] = time.process_time() - cpu0
+    return NodeOutput(payload, logits if cfg.measure_teacher_kl else None, metrics)
+
+
+def merge_and_distill(cfg: FPLDConfig, *, job: str, rnd: int, student: bytes, node_logits: list[np.ndarray],
+                      probe: torch.Tensor, eval_windows: torch.Tensor,
+                      full_logits: list[np.ndarray] | None = None,
+                      progress: Progress | None = None) -> tuple[bytes, dict[str, float]]:
+    """Mean of the dequantized logits -> teacher; distill the next student from the previous one."""
+    t0 = time.perf_counter()
+    teacher = mean_logits(node_logits)
+    metrics: dict[str, float] = {}
+    if full_logits:
+        # What quantization cost: KL(full-precision teacher || B-bit teacher), same nodes.
+        metrics["teacher_kl"] = mean_kl(mean_logits(full_logits), teacher)
+    model = model_from_bytes(student)
+    losses = distill(model, probe, teacher, steps=cfg.distill_steps, batch_size=cfg.batch_size,
+                     lr=cfg.distill_lr, seed=derive_seed(job, rnd, "distill"), progress=progress)
+    t1 = time.perf_counter()
+    metrics.update(distill_kl=float(np.mean(losses[-10:])), t_distill=t1 - t0,
+                   student_ppl=perplexity(model, eval_windows))
+    metrics["t_eval"] = time.perf_counter() - t1
+    return model_to_bytes(model), metrics

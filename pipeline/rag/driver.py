@@ -1,0 +1,322 @@
+"""Run FC-RAG on a fleet: build node indexes, calibrate, answer queries, evaluate.
+
+The same code drives an embedded fleet (private Redis and local workers, started here, with node
+state dirs under the run dir so indexes persist between invocations) and a real one
+(`--broker redis://...`, nodes holding their own `--data`). The query path imports neither torch
+nor the corpus code, so a client against a warm fleet starts fast.
+
+The evaluation task is next-byte prediction on held-out text: a query is a context of
+`context_bytes` bytes from the held-out tail of a domain (split_domain's eval part, which no node
+indexes and no FPLD student trains on), the label is the byte that follows. Calibration and test
+queries are disjoint, non-overlapping windows, shuffled together so they are exchangeable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from broker import keys
+from broker.app import client_app
+from broker.auth import check_fleet_secret, connect_checked
+from broker.jobs import JobFailed, JobRecord, JobStatus
+from broker.settings import FleetSettings
+from broker.store import Store
+from broker.waiting import seconds_left, wait_for
+from pipeline.files import write_atomic
+from pipeline.rag.config import QUERY_TTL, STUDENT_STORE, RAGConfig
+from pipeline.rag.steps import contexts_to_blob
+
+DEFAULT_RUN = Path("runs") / "rag"
+Say = Callable[[str], None]
+
+
+class RAGError(JobFailed):
+    """FC-RAG cannot go on (no student, no calibration, quorum not met); one readable line."""
+
+
+# --- student and run dir --------------------------------------------------------------------------
+
+@dataclass
+class Student:
+    path: Path
+    data: bytes
+    sha: str
+    block_size: int
+
+
+def find_student(explicit: Path | None = None, runs: Path = Path("runs")) -> Path:
+    """--student PATH, else the newest runs/*/student.safetensors that `lmteam fpld` wrote."""
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise RAGError(f"student checkpoint {explicit} does not exist")
+        return Path(explicit)
+    found = sorted(runs.glob("*/student.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RAGError("no student checkpoint: run `lmteam fpld` first (it writes runs/<job>/student.safetensors) "
+                       "or pass --student PATH")
+    return found[-1]
+
+
+def load_student(path: Path) -> Student:
+    """Bytes, sha256 and block size of a checkpoint, read from its safetensors header (no torch)."""
+    data = Path(path).read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        block = int(json.loads(meta["config"])["block_size"])
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise RAGError(f"{path} is not an lmteam student checkpoint ({type(e).__name__})") from None
+    return Student(Path(path), data, hashlib.sha256(data).hexdigest(), block)
+
+
+class RunDir:
+    """runs/rag/: rag.json (job, config, student, calibration summary), calibration.safetensors,
+    report.json, and state/node<i>/ (embedded node workers' state: their indexes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "rag.json"
+
+    @property
+    def calibration_file(self) -> Path:
+        return self.path / "calibration.safetensors"
+
+    def state_dir(self, name: str) -> Path:
+        return self.path / "state" / name
+
+    def load(self) -> dict | None:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
+
+    def save(self, state: dict) -> None:
+        write_atomic(self.state_file, json.dumps(jsonable(state), indent=2))
+
+
+def jsonable(x: object) -> object:
+    """inf/nan are not JSON: files written here say null instead (q_hat = null means +inf)."""
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+# --- data: node shards and held-out queries ------------------------------------------------------
+
+@dataclass
+class Queries:
+    contexts: list[bytes]
+    labels: np.ndarray  # (n,) next byte
+    domains: np.ndarray  # (n,) index into the domain list
+
+    def take(self, lo: int, hi: int) -> Queries:
+        return Queries(self.contexts[lo:hi], self.labels[lo:hi], self.domains[lo:hi])
+
+    def __len__(self) -> int:
+        return len(self.contexts)
+
+
+def load_text(cfg: RAGConfig) -> list:
+    from pipeline.data import default_corpus, load_corpus
+
+    return load_corpus(cfg.corpus) if cfg.corpus else default_corpus()
+
+
+def node_shards(domains: list, nodes: int) -> list[np.ndarray]:
+    """Each node's private text on an embedded fleet: FPLD's private training parts, non-IID."""
+    from pipeline.data import assign_shards, split_domain
+
+    return assign_shards([split_domain(d.tokens)[0] for d in domains], nodes)
+
+
+def heldout_queries(domains: list, ctx_len: int, seed: int) -> Queries:
+    """Non-overlapping (context, next byte) windows of every domain's held-out tail, shuffled."""
+    from pipeline.data import split_domain
+
+    contexts, labels, dom = [], [], []
+    for d, domain in enumerate(domains):
+        held = split_domain(domain.tokens)[2]
+        for start in range(0, len(held) - ctx_len, ctx_len + 1):
+            contexts.append(held[start : start + ctx_len].tobytes())
+            labels.append(int(held[start + ctx_len]))
+            dom.append(d)
+    order = np.random.default_rng(seed).permutation(len(contexts))
+    return Queries([contexts[i] for i in order], np.asarray(labels, np.int64)[order], np.asarray(dom)[order])
+
+
+def cal_test_split(queries: Queries, n_cal: int, n_test: int) -> tuple[Queries, Queries]:
+    if n_cal + n_test > len(queries):
+        raise RAGError(f"the held-out text gives {len(queries)} queries; --n-cal {n_cal} + --n-test {n_test} "
+                       "is more: lower them or pass a larger corpus")
+    return queries.take(0, n_cal), queries.take(n_cal, n_cal + n_test)
+
+
+# --- fleet ----------------------------------------------------------------------------------------
+
+@contextmanager
+def fleet(cfg: RAGConfig, settings: FleetSettings, run: RunDir, say: Say = lambda _: None,
+          domains: list | None = None) -> Iterator[FleetSettings]:
+    """The configured fleet, or an embedded one whose nodes hold cfg's corpus shards."""
+    if settings.broker_url is not None:
+        yield settings
+        return
+    from broker.embedded import EmbeddedFleet, WorkerSpec
+
+    shards = node_shards(domains if domains is not None else load_text(cfg), cfg.nodes)
+    say(f"starting an embedded fleet: private redis-server, {cfg.nodes} node workers, 1 aggregator")
+    with tempfile.TemporaryDirectory(prefix="lmteam-rag-") as tmp:
+        specs = []
+        for i, shard in enumerate(shards):
+            path = Path(tmp) / f"node{i}.txt"
+            path.write_bytes(shard.tobytes())
+            specs.append(WorkerSpec("node", i, (str(path),), state_dir=str(run.state_dir(f"node{i}").resolve())))
+        specs.append(WorkerSpec("aggregator", state_dir=str(run.state_dir("aggregator").resolve())))
+        with EmbeddedFleet(specs, settings) as f:
+            f.wait_ready(Store.from_url(f.settings.backend_url).r)
+            yield f.settings
+
+
+class Client:
+    """The submitter's side of one FC-RAG job on a running fleet."""
+
+    def __init__(self, settings: FleetSettings, cfg: RAGConfig, job_id: str) -> None:
+        self.cfg, self.job = cfg, job_id
+        self.st = Store(connect_checked(settings.backend_url), ttl=settings.blob_ttl)
+        check_fleet_secret(self.st.r, settings.secret)
+        self.qst = Store(self.st.r, ttl=QUERY_TTL)
+        self.app = client_app(settings)
+        self.settings = settings
+
+    def close(self) -> None:
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ensure_job(self, student: Student | None = None, calibration: tuple[int, bytes] | None = None) -> JobRecord:
+        """Create the job record if this Redis lacks it (an embedded fleet is new every time)."""
+        rec = JobRecord(self.st.r, self.job, ttl=self.settings.blob_ttl)
+        if not rec.exists():
+            rec = JobRecord.create(self.st.r, self.job, "rag", self.cfg.to_dict(), self.settings.public_dict(),
+                                   ttl=self.settings.blob_ttl)
+            rec.set_status(JobStatus.RUNNING)
+        if student is not None:
+            if not self.st.has_blob(STUDENT_STORE, student.sha):
+                self.st.put_blob(STUDENT_STORE, student.sha, student.data)
+            rec.set(student_sha=student.sha)
+        if calibration is not None:
+            rnd, data = calibration
+            if not self.st.has_blob(self.job, f"calibration/{rnd}"):
+                self.st.put_blob(self.job, f"calibration/{rnd}", data)
+            self.st.r.set(keys.round_counter(self.job), rnd, nx=True)  # new rounds must not reuse its number
+        return rec
+
+    def _new_round(self) -> int:
+        return int(self.st.r.incr(keys.round_counter(self.job)))
+
+    def index(self) -> dict[str, dict]:
+        """Every node builds (or finds) its index; returns each node's final state."""
+        rnd = self._new_round()
+        for node in self.cfg.node_ids:
+            self.app.send_task(keys.RAG_INDEX_TASK, args=[self.job, rnd, node], shadow=f"rag index node {node} {self.job}")
+
+        def all_in() -> bool | None:
+            states = self.st.round_nodes(self.job, rnd, self.cfg.node_ids)
+            return True if all(s.get("status") in ("indexed", "failed") for s in states.values()) else None
+
+        wait_for(all_in, seconds_left(self.cfg.index_timeout), client=self.st.r, wake=keys.arrived(self.job, rnd),
+                 poll=1.0)
+        states = self.st.round_nodes(self.job, rnd, self.cfg.node_ids)
+        for s in states.values():
+            s.setdefault("status", "late")
+        return states
+
+    def run_round(self, phase: str, contexts: list[bytes], labels: np.ndarray | None = None,
+                  calibration: int | None = None, alphas: list[float] | None = None) -> dict:
+        """Fan one batch of queries out to the nodes and wait for the aggregator's result."""
+        st = self.qst if phase == "predict" else self.st
+        rnd = self._new_round()
+        st.put_blob(self.job, f"queries/{rnd}", contexts_to_blob(contexts))
+        if labels is not None:  # calibration labels go to the hub (aggregator), never to the nodes
+            st.put_blob(self.job, f"labels/{rnd}", np.asarray(labels, dtype=np.uint8).tobytes())
+        timeout = self.cfg.query_timeout if phase == "predict" else self.cfg.calibration_timeout
+        deadline = st.now() + timeout
+        for node in self.cfg.node_ids:
+            self.app.send_task(keys.RAG_SCORE_TASK, args=[self.job, rnd, node, phase],
+                               shadow=f"rag {phase} node {node} r{rnd}")
+        self.app.send_task(keys.RAG_AGGREGATE_TASK, args=[self.job, rnd, deadline, phase, calibration, alphas or []],
+                           shadow=f"rag {phase} aggregate r{rnd}")
+        result = wait_for(lambda: st.round_result(self.job, rnd), seconds_left(timeout + 120), client=st.r,
+                          wake=keys.done(self.job, rnd), poll=1.0)
+        if result is None:
+            raise RAGError(f"round {rnd}: no result from the aggregator (is an aggregator worker running?)")
+        return result
+
+    def calibration_bytes(self, rnd: int) -> bytes:
+        data = self.st.get_blob(self.job, f"calibration/{rnd}")
+        if data is None:
+            raise RAGError(f"calibration round {rnd} wrote no calibration record")
+        return data
+
+
+def checked(result: dict) -> dict:
+    if result.get("status") != "ok":
+        raise RAGError(result.get("error") or f"round {result.get('round')} failed")
+    return result
+
+
+# --- eval report ----------------------------------------------------------------------------------
+
+def summarize(cfg: RAGConfig, rounds: list[dict], test: Queries, alphas: list[float], n_cal: int) -> dict:
+    """Coverage, set size, the slack and the bound per alpha; merged nodes per query and their bound."""
+    from pipeline.rag import conformal
+
+    per_alpha, merged = {}, []
+    for r in rounds:
+        merged += [len(r["used_nodes"])] * len(r["queries"])
+    top1 = [q["cands"][0][0] if q["cands"] else -1 for r in rounds for q in r["queries"]]
+    for a in alphas:
+        key, hits, sizes, bounds, slacks = str(a), [], [], [], []
+        for r in rounds:
+            b = r["bounds"][key]
+            for q in r["queries"]:
+                s = q["sets"][key]
+                sizes.append(256 if s == "all" else len(s))
+                bounds.append(b["bound"])
+                slacks.append(b["slack"]["total"])
+                hits.append(s)
+        covered = [s == "all" or int(y) in s for s, y in zip(hits, test.labels, strict=True)]
+        beta = conformal.coverage_beta(n_cal, a)
+        lo, hi = conformal.beta_binomial_interval(len(test), *beta, level=0.99)
+        full = [r["bounds"][key] for r in rounds if len(r["used_nodes"]) == max(merged)]
+        per_alpha[key] = {
+            "alpha": a, "queries": len(test), "coverage": float(np.mean(covered)),
+            "mean_set_size": float(np.mean(sizes)), "median_set_size": float(np.median(sizes)),
+            "slack": float(np.max(slacks)), "slack_parts": full[0]["slack"] if full else None,
+            "bound": float(np.min(bounds)), "qhat": [r["bounds"][key]["qhat"] for r in rounds],
+            "conformal_interval_99": [lo, hi],
+            "bound_by_merged": {str(m): next(r["bounds"][key]["bound"] for r in rounds if len(r["used_nodes"]) == m)
+                                for m in sorted(set(merged))},
+        }
+    # the merged score of each test query's true label (+inf: no node proposed it), for re-analysis
+    label = [dict(map(tuple, q["cands"])).get(int(y), np.inf)
+             for q, y in zip((q for r in rounds for q in r["queries"]), test.labels, strict=True)]
+    return {"alphas": per_alpha, "acc1": float(np.mean(np.asarray(top1) == test.labels)),
+            "merged_per_query": {str(m): merged.count(m) for m in sorted(set(merged))},
+            "test_label_scores": [float(x) for x in label]}

@@ -1,0 +1,263 @@
+"""`lmteam smalltalk train | eval` and `lmteam generate`: SmallTalk LM (arXiv 2410.03529) from the shell.
+
+    lmteam smalltalk train --experts 4 --prefix 32 --corpus a.txt --corpus b.txt
+    lmteam smalltalk eval runs/smalltalk-...            # held-out perplexity: routed mixture vs dense
+    lmteam generate runs/smalltalk-... --prompt "To be, or not"
+
+cli.py adds these (main.add_command(smalltalk); main.add_command(generate)).
+
+This module must not import cli: workers run `python -m cli`, where cli.py is __main__, so
+`from cli import ...` here would load cli.py a second time. Shared error handling lives in
+pipeline/cli_errors.py for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from broker.settings import FleetSettings
+from pipeline.cli_errors import broker_option, one_line_errors, secret_option, sigterm_unwinds
+
+
+@click.group()
+def smalltalk() -> None:
+    """SmallTalk LM: an asynchronous mixture of experts routed by small prefix LMs.
+
+    \b
+    Routers are trained by hard EM (balanced assignment of sequences by their prefix loss), then
+    every expert trains on its own cluster as an independent task with no communication. At
+    inference the routers score a sequence's first M bytes and only the best expert runs.
+    """
+
+
+@smalltalk.command()
+@click.option("--experts", "-e", default=4, show_default=True, help="Experts E (and routers).")
+@click.option("--prefix", "-m", default=32, show_default=True, help="Routing prefix M in bytes (<= --block-size).")
+@click.option("--corpus", "-c", multiple=True, type=click.Path(path_type=Path),
+              help="Text file (or directory of .txt), one domain each; repeat. Default: built-in stdlib corpus.")
+@click.option("--domain-bytes", default=0, show_default=True, help="Use at most this many bytes per domain (0: all).")
+@click.option("--em-rounds", default=3, show_default=True, help="Router EM rounds T (fresh sequences each round).")
+@click.option("--router-seqs", default=1024, show_default=True, help="Sequences assigned per EM round.")
+@click.option("--router-steps", default=100, show_default=True, help="Router training steps per EM round.")
+@click.option("--router-embd", default=16, show_default=True, help="Router width (1 layer by default).")
+@click.option("--expert-steps", default=300, show_default=True, help="Training steps of each expert.")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Expert checkpoint interval (steps).")
+@click.option("--dense/--no-dense", default=True, show_default=True,
+              help="Also train the FLOPs-matched dense baseline (one expert's size).")
+@click.option("--dense-match", type=click.Choice(["steps", "batch"]), default="steps", show_default=True,
+              help="Dense gets E x the steps, or E x the batch (the paper's Table 2).")
+@click.option("--block-size", default=128, show_default=True, help="Sequence length in bytes.")
+@click.option("--n-layer", default=2, show_default=True)
+@click.option("--n-embd", default=64, show_default=True)
+@click.option("--n-head", default=4, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--eval-seqs", default=256, show_default=True, help="Held-out sequences (equal share per domain).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run dir [default: runs/<job-id>].")
+@click.option("--resume", "resume", type=click.Path(path_type=Path), default=None,
+              help="Continue an interrupted run dir on this fleet; its config.json wins over the options above.")
+@click.option("--threads", default=1, show_default=True, help="Torch threads per task of the embedded workers.")
+@click.option("--workers", default=2, show_default=True,
+              help="Expert workers of the embedded fleet: experts (and routers) train this many at a time.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@broker_option
+@secret_option
+@one_line_errors
+def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_steps, router_embd, expert_steps,
+          checkpoint_every, dense, dense_match, block_size, n_layer, n_embd, n_head, batch_size, eval_seqs, seed, out,
+          resume, threads, workers, quiet, broker, secret) -> None:
+    """Train routers (EM), experts (independent tasks) and the dense baseline; print the report.
+
+    Runs on the embedded default (a private Redis and local workers) or, with --broker, on a fleet
+    with `lmteam worker --role expert` and `--role aggregator` workers.
+
+    The defaults are a demo of a few minutes; their experts are too undertrained for the mixture
+    to beat the dense model. In bench/smalltalk.py it wins once experts train near their
+    capacity, with this setting (about 10 minutes on 2 cores, four 480 KB domains):
+
+    \b
+      lmteam smalltalk train --corpus a.txt --corpus b.txt --corpus c.txt --corpus d.txt \\
+        --n-layer 1 --n-head 2 --n-embd 32 --expert-steps 6000 --checkpoint-every 1000 \\
+        --em-rounds 12 --router-seqs 1100 --router-steps 150 --eval-seqs 512
+    """
+    from broker.jobs import new_job_id
+    from pipeline.smalltalk.config import KIND, SmallTalkConfig
+    from pipeline.smalltalk.data import RunDir
+    from pipeline.smalltalk.driver import run_smalltalk
+
+    if resume is not None:
+        _, cfg = RunDir(resume).load_config()
+        out = resume
+    else:
+        cfg = SmallTalkConfig(experts=experts, prefix=prefix, corpus=[str(p) for p in corpus], domain_bytes=domain_bytes,
+                              em_rounds=em_rounds, router_seqs=router_seqs, router_steps=router_steps,
+                              router_embd=router_embd, router_head=2 if router_embd % 2 == 0 else 1,
+                              expert_steps=expert_steps, checkpoint_every=checkpoint_every, dense=dense,
+                              dense_match=dense_match, block_size=block_size, n_layer=n_layer, n_embd=n_embd,
+                              n_head=n_head, batch_size=batch_size, eval_seqs=eval_seqs, seed=seed).validate()
+    settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
+    job_id = new_job_id(KIND)
+    out = out or Path("runs") / job_id
+    if resume is None and RunDir(out).exists():
+        raise click.UsageError(f"{out} already holds a run: pass --resume {out} to continue it, or another --out")
+    sigterm_unwinds()
+    watch = _Bars(cfg) if not quiet else _no_bars
+    say = click.echo if not quiet else _no_say
+    try:
+        report = run_smalltalk(cfg, settings, out, say=say, watch=watch, threads=threads, job_id=job_id,
+                               expert_workers=workers)
+    finally:
+        if isinstance(watch, _Bars):
+            watch.close()
+    print_report(report)
+    click.echo(f"run: {out}  (lmteam smalltalk eval {out}; lmteam generate {out} --prompt ...)")
+
+
+@smalltalk.command(name="eval")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--prefix", "-m", type=int, default=None, help="Inference prefix M [default: the training prefix].")
+@click.option("--corpus", "-c", multiple=True, type=click.Path(path_type=Path),
+              help="Evaluate on these files instead of the run's held-out text.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@one_line_errors
+def eval_(run, prefix, corpus, as_json) -> None:
+    """Held-out perplexity of a run's routed mixture vs its dense model (runs locally, no fleet needed)."""
+    from pipeline.smalltalk.local import evaluate_run
+
+    res = evaluate_run(run, prefix, [str(p) for p in corpus] or None)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"SmallTalk {res['job']}: {res['experts']} experts, inference prefix {res['prefix']}")
+    for col in ("text", "sequences", "mixture ppl", "dense ppl", "routed to experts"):
+        t.add_column(col, justify="right" if col != "text" else "left")
+    for name, d in res["per_domain"].items():
+        t.add_row(name, str(d["sequences"]), f"{d['ppl']:.3f}", _num(d.get("dense_ppl")), str(d["routed"]))
+    t.add_row("all", str(res["sequences"]), f"{res['ppl']:.3f}", _num(res.get("dense_ppl")), str(res["load"]))
+    t.add_row("all, after the prefix", "", f"{res['ppl_after_prefix']:.3f}", _num(res.get("dense_ppl_after_prefix")), "")
+    Console().print(t)
+    if res.get("dense_ppl") is not None:
+        lo, hi = res["ppl_change_ci95"]
+        click.echo(f"mixture vs dense: {100 * res['ppl_change']:+.2f}% "
+                   f"(95% CI over these sequences {100 * lo:+.2f}% .. {100 * hi:+.2f}%)")
+
+
+@click.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="Text to continue; its first M bytes pick the expert.")
+@click.option("--max-new", default=200, show_default=True, help="Bytes to generate.")
+@click.option("--temperature", default=0.8, show_default=True, help="0 means greedy.")
+@click.option("--top-k", default=40, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@one_line_errors
+def generate(run, prompt, max_new, temperature, top_k, seed) -> None:
+    """Sample text from a SmallTalk run: the routers pick one expert by the prompt's prefix, only it runs.
+
+    Runs locally from the run dir (no fleet needed).
+    """
+    from pipeline.smalltalk.local import generate as gen
+
+    res = gen(run, prompt, max_new, temperature, top_k or None, seed)
+    losses = ", ".join(f"{x:.3f}" for x in res["router_losses"])
+    click.echo(f"[expert {res['expert']}; router losses on the first {res['prefix_bytes']} bytes: {losses}]", err=True)
+    click.echo(prompt + res["text"])
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s, cfg, fl = report["summary"], report["config"], report["flops"]
+    t = Table(title=f"SmallTalk {report['job']}: {cfg['experts']} experts, prefix {cfg['prefix']}")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("mixture perplexity (held-out)", f"{s['mixture_ppl']:.3f}")
+    if s.get("dense_ppl") is not None:
+        t.add_row(f"dense perplexity ({cfg['dense_match']}-matched FLOPs)", f"{s['dense_ppl']:.3f}")
+        ci = s.get("ppl_change_ci95")  # absent in reports written before it existed
+        t.add_row("mixture vs dense", f"{100 * s['ppl_change']:+.2f}%" + (
+            f" (95% CI over held-out sequences {100 * ci[0]:+.2f}% .. {100 * ci[1]:+.2f}%)" if ci else ""))
+        t.add_row("after the prefix: mixture / dense",
+                  f"{s['mixture_ppl_after_prefix']:.3f} / {s['dense_ppl_after_prefix']:.3f}")
+    t.add_row("oracle routing perplexity", f"{s['oracle_ppl']:.3f}")
+    t.add_row("training FLOPs mixture / dense", f"{fl['train_flops_mixture']:.3e} / {fl['train_flops_dense']:.3e}")
+    t.add_row("routing cost / one expert's inference", f"{100 * fl['routing_cost_fraction']:.2f}%")
+    t.add_row("router size / expert size", f"{100 * fl['router_to_expert_params']:.2f}%")
+    t.add_row("cluster purity", f"{s['purity']:.3f}")
+    for c in report["clusters"]["clusters"]:
+        t.add_row(f"cluster {c['expert']}", f"{c['size']} seqs, {c['dominant']} {100 * c['purity']:.0f}%")
+    for name, task in report["tasks"].items():
+        if int(task.get("attempts", 1) or 1) > 1 or int(task.get("resumed_from", 0) or 0):
+            t.add_row(f"{name}: attempts / resumed from step", f"{task['attempts']} / {task.get('resumed_from', 0)}")
+    t.add_row("wall time (s)", f"{report['wall_s']:.1f}")
+    Console().print(t)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _no_bars(title: str, states: dict) -> None:
+    pass
+
+
+def _no_say(text: str) -> None:
+    pass
+
+
+class _Bars:
+    """One progress bar per task of the current phase (routers, scoring shards, experts)."""
+
+    def __init__(self, cfg) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.cfg = cfg
+        self.bars = Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                             TimeElapsedColumn(), console=Console(file=sys.stderr))
+        self.title: str | None = None
+        self.tasks: dict[str, int] = {}
+        self.bars.start()
+
+    def _total(self, name: str) -> int:
+        if name.startswith("router"):
+            return self.cfg.router_steps
+        if name == "dense":
+            return self.cfg.dense_steps
+        return self.cfg.expert_steps if name.startswith("expert") else 1
+
+    def __call__(self, title: str, states: dict[str, dict]) -> None:
+        if title != self.title:
+            for task_id in self.tasks.values():
+                self.bars.remove_task(task_id)
+            self.title = title
+            self.tasks = {n: self.bars.add_task(f"{title} {n}", total=self._total(n), info="queued") for n in states}
+        for name, s in states.items():
+            status = str(s.get("status", "queued"))
+            info = [status] + ([f"loss {float(s['loss']):.3f}"] if "loss" in s else [])
+            if int(s.get("resumed_from", 0) or 0):
+                info.append(f"resumed from {s['resumed_from']}")
+            step = self._total(name) if status == "done" else int(s.get("step", 0) or 0)
+            self.bars.update(self.tasks[name], completed=step, info=", ".join(info))
+
+    def close(self) -> None:
+        self.bars.stop()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def standalone() -> None:
+    """SmallTalk LM commands, until cli.py adds them to `lmteam` (python -m pipeline.smalltalk.cli ...)."""
+
+
+standalone.add_command(smalltalk)
+standalone.add_command(generate)
+
+if __name__ == "__main__":
+    standalone()
