@@ -130,3 +130,14 @@ def test_an_undeclared_queue_is_an_error_not_a_new_queue():
     route = app.amqp.router.route({}, "lmteam.fpld.node_round", ("job", 0, "3"), {})
     assert route["queue"].name == "node.3"
     assert app.amqp.router.route({}, "lmteam.smalltalk.score", ("job", 0, 1), {})["queue"].name == "aggregator"
+
+
+def test_an_installed_package_carries_every_subpackage():
+    """pip install . (the Dockerfile) must ship broker.wire, pipeline.fpld, ... not only the top level."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(str(ROOT), include=find["include"]))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")}
+    assert on_disk <= shipped, on_disk - shipped
