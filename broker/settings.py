@@ -45,7 +45,9 @@ class FleetSettings:
     retry_backoff: float = 1.0
     """First retry delay; doubles each retry. Celery's retry_backoff counts whole seconds, at least 1."""
     blob_ttl: int = 7 * 86400
-    """How long payloads, checkpoints and job records stay in Redis."""
+    """How long checkpoints, job records and unmerged payloads stay in Redis."""
+    payload_keep_s: int = 0
+    """How long a round's payloads stay once it is merged (0: deleted at the merge; more to debug)."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> FleetSettings:
@@ -60,6 +62,7 @@ class FleetSettings:
             visibility_timeout=int(_env("VISIBILITY_TIMEOUT", str(cls.visibility_timeout))),
             max_retries=int(_env("MAX_RETRIES", str(cls.max_retries))),
             retry_backoff=float(_env("RETRY_BACKOFF", str(cls.retry_backoff))),
+            payload_keep_s=int(_env("PAYLOAD_KEEP_S", str(cls.payload_keep_s))),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -111,6 +111,19 @@ class Store:
     def get_payload(self, job: str, rnd: int, node: str) -> bytes | None:
         return self.r.get(keys.payload(job, rnd, node))
 
+    def drop_payloads(self, job: str, rnd: int, nodes: list[str], blobs: tuple[str, ...] = (),
+                      keep_s: int = 0) -> None:
+        """Once a round is merged its payloads (and side blobs) have done their work: delete them,
+        or keep them `keep_s` seconds for debugging, so Redis does not grow with every round."""
+        names = [keys.payload(job, rnd, n) for n in nodes] + [keys.blob(job, b) for b in blobs]
+        pipe = self.r.pipeline()
+        for name in names:
+            if keep_s > 0:
+                pipe.expire(name, keep_s)
+            else:
+                pipe.delete(name)
+        pipe.execute()
+
     def node_update(self, job: str, rnd: int, node: str, **fields: object) -> None:
         """Record facts about a node's work in a round (timings, bytes, status)."""
         key = keys.node(job, rnd, node)

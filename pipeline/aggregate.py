@@ -11,14 +11,33 @@ from collections.abc import Sequence
 import numpy as np
 
 
+class RunningMean:
+    """The mean of same-shape arrays added one at a time, in float64: a merge holds one sum, not K
+    decoded payloads, so the aggregator's memory does not grow with the number of nodes."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        if self.sum is None:
+            self.sum = np.zeros(x.shape, dtype=np.float64)
+        elif x.shape != self.sum.shape:
+            raise ValueError(f"shape mismatch: {x.shape} vs {self.sum.shape}")
+        self.sum += x
+        self.count += 1
+
+    def mean(self) -> np.ndarray:
+        if self.sum is None:
+            raise ValueError("the mean of no arrays")
+        return (self.sum / self.count).astype(np.float32)
+
+
 def mean_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
     """Arithmetic mean of same-shape (rows, V) logit arrays, accumulated in float64."""
     if not logits:
         raise ValueError("mean_logits needs at least one array")
-    shape = logits[0].shape
-    acc = np.zeros(shape, dtype=np.float64)
+    acc = RunningMean()
     for x in logits:
-        if x.shape != shape:
-            raise ValueError(f"shape mismatch: {x.shape} vs {shape}")
-        acc += x
-    return (acc / len(logits)).astype(np.float32)
+        acc.add(x)
+    return acc.mean()

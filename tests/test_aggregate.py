@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker.round_gate import QuorumError, check_quorum, default_quorum
-from pipeline.aggregate import mean_logits
+from pipeline.aggregate import RunningMean, mean_logits
 
 
 def test_mean_logits_is_arithmetic_mean():
@@ -34,3 +34,18 @@ def test_check_quorum_message_names_nodes():
     check_quorum(3, 4, 3)
     with pytest.raises(QuorumError, match="only 2 of 4 nodes merged, quorum is 3: node 1 late"):
         check_quorum(2, 4, 3, "node 1 late")
+
+
+def test_running_mean_folds_arrays_one_at_a_time():
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(5, 7)).astype(np.float32) for _ in range(6)]
+    acc = RunningMean()
+    for x in xs:
+        acc.add(x)
+    assert acc.count == 6
+    np.testing.assert_array_equal(acc.mean(), mean_logits(xs))
+    np.testing.assert_allclose(acc.mean(), np.mean(np.stack(xs).astype(np.float64), axis=0), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        acc.add(np.zeros((5, 6), np.float32))
+    with pytest.raises(ValueError):
+        RunningMean().mean()

@@ -75,3 +75,16 @@ def test_job_tasks_lists_every_recorded_round_and_task_of_one_job(redis_client):
     assert st.job_tasks("job-a") == {0: ["router2", "router10", "score0"], 1: ["3", "aggregator"],
                                      2: ["expert1", "dense"]}
     assert st.job_tasks("job-none") == {}
+
+
+def test_drop_payloads_deletes_or_keeps_for_a_while(redis_client):
+    st = Store(redis_client)
+    for node in "01":
+        st.submit_payload("j", 0, node, b"x" * 10)
+    st.put_blob("j", "diag/0/0", b"side")
+    st.drop_payloads("j", 0, ["0"], blobs=("diag/0/0",))
+    assert st.get_payload("j", 0, "0") is None and st.get_blob("j", "diag/0/0") is None
+    assert st.get_payload("j", 0, "1") == b"x" * 10  # not named: untouched
+    st.drop_payloads("j", 0, ["1"], keep_s=60)
+    assert st.get_payload("j", 0, "1") == b"x" * 10
+    assert 0 < redis_client.ttl("lmteam:payload:j:0:1") <= 60

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from functools import cache
 
-import numpy as np
-
 from broker import keys
 from broker.app import app, settings_of
 from broker.faults import Fault, parse_faults
@@ -14,6 +12,7 @@ from broker.jobs import JobRecord
 from broker.round_gate import classify_nodes, quorum_error, wait_and_seal
 from broker.store import Store
 from broker.wire.codec import decode_logits, encode_logits
+from pipeline.aggregate import RunningMean
 from pipeline.fpld.config import FPLDConfig
 from workers.base import FleetTask, aggregate_once, blob, private_tokens, secret, state_dir, store
 
@@ -73,37 +72,42 @@ def _aggregate(st: Store, job_id: str, rnd: int, deadline: float) -> dict:
     st.node_update(job_id, rnd, "aggregator", status="waiting for nodes")
     states, t_sealed = wait_and_seal(st, job_id, rnd, cfg.node_ids, deadline)
 
-    def decode(node: str, payload: bytes) -> tuple[tuple[np.ndarray, np.ndarray | None], int]:
+    teacher, full = RunningMean(), RunningMean()
+
+    def fold(node: str, payload: bytes) -> tuple[None, int]:
+        """Decode strictly and add into the running means at once: no payload is kept."""
         x, meta = decode_logits(payload, secret=secret(), max_bytes=settings_of(app).max_payload_bytes,
                                 expect_shape=(cfg.probe_seqs * cfg.block_size, 256),
                                 expect_job=job_id, expect_round=rnd, expect_node=node)
         diag = st.get_blob(job_id, f"diag/{rnd}/{node}")
-        return (x, decode_logits(diag, secret=secret())[0] if diag is not None else None), meta.nbytes
+        if diag is not None:
+            full.add(decode_logits(diag, secret=secret())[0])
+        teacher.add(x)
+        return None, meta.nbytes
 
-    decoded, final = classify_nodes(st, job_id, rnd, states, decode)
-    logits = [x for x, _ in decoded.values()]
-    full = [d for _, d in decoded.values() if d is not None]
+    _, final = classify_nodes(st, job_id, rnd, states, fold)
+    st.drop_payloads(job_id, rnd, cfg.node_ids, blobs=tuple(f"diag/{rnd}/{n}" for n in cfg.node_ids),
+                     keep_s=settings_of(app).payload_keep_s)
     for node, v in final.items():
         st.node_update(job_id, rnd, node, final=v["status"])
-    result: dict = {"round": rnd, "nodes": final, "merged": len(logits), "waited_s": t_sealed - t_start,
+    result: dict = {"round": rnd, "nodes": final, "merged": teacher.count, "waited_s": t_sealed - t_start,
                     "sealed_at": t_sealed}
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         job.event("round_failed", round=rnd, error=error)
         return {**result, "status": "failed", "error": error}
-    if len(full) != len(logits):
-        full = []  # teacher KL only compares like with like
 
     def progress(step: int, loss: float) -> None:
         st.node_update(job_id, rnd, "aggregator", step=step, loss=round(loss, 4))
 
-    st.node_update(job_id, rnd, "aggregator", status=f"distilling from {len(logits)} nodes")
+    st.node_update(job_id, rnd, "aggregator", status=f"distilling from {teacher.count} nodes")
     student, metrics = merge_and_distill(
-        cfg, job=job_id, rnd=rnd, student=blob(st, job_id, f"student/{rnd}"), node_logits=logits,
+        cfg, job=job_id, rnd=rnd, student=blob(st, job_id, f"student/{rnd}"), teacher=teacher.mean(),
         probe=windows_from_bytes(blob(st, job_id, "probe"), cfg.block_size),
-        eval_windows=windows_from_bytes(blob(st, job_id, "eval"), cfg.block_size), full_logits=full,
+        eval_windows=windows_from_bytes(blob(st, job_id, "eval"), cfg.block_size),
+        full_teacher=full.mean() if full.count and full.count == teacher.count else None,  # like with like
         progress=progress)
     st.put_blob_once(job_id, f"student/{rnd + 1}", student)
     st.node_update(job_id, rnd, "aggregator", status="done", final="merged")
-    job.event("round_merged", round=rnd, merged=len(logits))
+    job.event("round_merged", round=rnd, merged=teacher.count)
     return {**result, "status": "ok", "finished_at": time.time(), **metrics}

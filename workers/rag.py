@@ -201,6 +201,7 @@ def _aggregate(st: Store, job_id: str, rnd: int, deadline: float, phase: str, ca
         return (ids, scores), nbytes
 
     decoded, final = classify_nodes(st, job_id, rnd, states, decode)
+    st.drop_payloads(job_id, rnd, nodes, keep_s=settings_of(app).payload_keep_s)
     result: dict = {"round": rnd, "phase": phase, "nodes": final, "merged": len(decoded),
                     "waited_s": round(t_sealed - t0, 4), "queries": len(contexts)}
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from broker.wire.codec import encode_logits
-from pipeline.aggregate import mean_logits
 from pipeline.fpld.config import FPLDConfig
 from pipeline.models.checkpoint import model_from_bytes, model_to_bytes
 from pipeline.models.gpt import GPT, GPTConfig
@@ -74,17 +73,16 @@ def node_round(cfg: FPLDConfig, *, job: str, rnd: int, node: str, student: bytes
     return NodeOutput(payload, logits if cfg.measure_teacher_kl else None, metrics)
 
 
-def merge_and_distill(cfg: FPLDConfig, *, job: str, rnd: int, student: bytes, node_logits: list[np.ndarray],
-                      probe: torch.Tensor, eval_windows: torch.Tensor,
-                      full_logits: list[np.ndarray] | None = None,
+def merge_and_distill(cfg: FPLDConfig, *, job: str, rnd: int, student: bytes, teacher: np.ndarray,
+                      probe: torch.Tensor, eval_windows: torch.Tensor, full_teacher: np.ndarray | None = None,
                       progress: Progress | None = None) -> tuple[bytes, dict[str, float]]:
-    """Mean of the dequantized logits -> teacher; distill the next student from the previous one."""
+    """Distill the next student from the previous one towards `teacher`, the mean of the merged
+    nodes' dequantized logits (pipeline.aggregate.RunningMean, folded in as they decode)."""
     t0 = time.perf_counter()
-    teacher = mean_logits(node_logits)
     metrics: dict[str, float] = {}
-    if full_logits:
+    if full_teacher is not None:
         # What quantization cost: KL(full-precision teacher || B-bit teacher), same nodes.
-        metrics["teacher_kl"] = mean_kl(mean_logits(full_logits), teacher)
+        metrics["teacher_kl"] = mean_kl(full_teacher, teacher)
     model = model_from_bytes(student)
     losses = distill(model, probe, teacher, steps=cfg.distill_steps, batch_size=cfg.batch_size,
                      lr=cfg.distill_lr, seed=derive_seed(job, rnd, "distill"), progress=progress)
