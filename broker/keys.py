@@ -43,6 +43,7 @@ STATIC_ROUTES = {
 # --- Redis keys -------------------------------------------------------------------------------
 JOBS = f"{PREFIX}:jobs"  # sorted set of job ids by creation time
 WORKERS = f"{PREFIX}:workers"  # hash: celery hostname -> registry entry (JSON)
+WORKER_BEATS = f"{PREFIX}:workers:beats"  # hash: celery hostname -> last heartbeat, Redis clock
 SECRET_FINGERPRINT = f"{PREFIX}:fleet:secret-fingerprint"
 
 
@@ -82,6 +83,21 @@ def round_result(job_id: str, rnd: int) -> str:
 def arrived(job_id: str, rnd: int) -> str:
     """List a node pushes to when its part of a round is over: wakes whoever waits for the nodes."""
     return f"{PREFIX}:arrive:{job_id}:{rnd}"
+
+
+def round_spec(job_id: str, rnd: int) -> str:
+    """Hash: the nodes a round waits for and the task that merges them (broker/round_gate.py)."""
+    return f"{PREFIX}:spec:{job_id}:{rnd}"
+
+
+def arrived_set(job_id: str, rnd: int) -> str:
+    """Set of the nodes whose part of a round is over (arrived or failed)."""
+    return f"{PREFIX}:in:{job_id}:{rnd}"
+
+
+def merge_owner(job_id: str, rnd: int) -> str:
+    """The id of the one task that merges a round (a redelivered copy of it keeps the id)."""
+    return f"{PREFIX}:owner:{job_id}:{rnd}"
 
 
 def done(job_id: str, rnd: int) -> str:

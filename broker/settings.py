@@ -46,6 +46,8 @@ class FleetSettings:
     """First retry delay; doubles each retry. Celery's retry_backoff counts whole seconds, at least 1."""
     blob_ttl: int = 7 * 86400
     """How long checkpoints, job records and unmerged payloads stay in Redis."""
+    heartbeat_s: float = 5.0
+    """A worker beats this often; after 3 missed beats `lmteam status` shows it lost."""
     payload_keep_s: int = 0
     """How long a round's payloads stay once it is merged (0: deleted at the merge; more to debug)."""
 
@@ -62,6 +64,7 @@ class FleetSettings:
             visibility_timeout=int(_env("VISIBILITY_TIMEOUT", str(cls.visibility_timeout))),
             max_retries=int(_env("MAX_RETRIES", str(cls.max_retries))),
             retry_backoff=float(_env("RETRY_BACKOFF", str(cls.retry_backoff))),
+            heartbeat_s=float(_env("HEARTBEAT_S", str(cls.heartbeat_s))),
             payload_keep_s=int(_env("PAYLOAD_KEEP_S", str(cls.payload_keep_s))),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,11 +1,11 @@
-"""The aggregator's round gate (wait, seal, classify, quorum) against a real private Redis."""
+"""The round gate (arrive, seal when due, one merge owner, classify, quorum) against a real private Redis."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from broker.round_gate import classify_nodes, quorum_error, wait_and_seal
+from broker.round_gate import arrive, classify_nodes, open_round, quorum_error, seal_when_due
 from broker.store import Store
 from broker.wire.codec import PayloadError
 
@@ -21,8 +21,9 @@ def test_every_node_gets_one_final_status(redis_client):
     st.submit_payload("j", 0, "0", b"good")
     st.submit_payload("j", 0, "1", b"bad payload")
     st.node_update("j", 0, "2", status="failed", error="RuntimeError: boom", retries=2)
-    states, _ = wait_and_seal(st, "j", 0, ["0", "1", "2", "3"], deadline=st.now() + 0.3)
-    decoded, final = classify_nodes(st, "j", 0, states, _decode)
+    assert seal_when_due(st, "j", 0, ["0", "1", "2", "3"], deadline=st.now() + 30, owner="a").retry_in > 25
+    seal = seal_when_due(st, "j", 0, ["0", "1", "2", "3"], deadline=st.now(), owner="a")  # deadline: node 3 out
+    decoded, final = classify_nodes(st, "j", 0, seal.states, _decode)
     assert decoded == {"0": "good"}
     assert final["0"] == {"status": "merged", "bytes": 4, "retries": 0}
     assert final["1"]["status"] == "rejected" and "bad signature" in final["1"]["reason"]
@@ -34,7 +35,47 @@ def test_every_node_gets_one_final_status(redis_client):
     assert error.startswith("round 0: only 1 of 4") and "node 1 rejected" in error and "node 3 late" in error
 
 
-def test_a_node_arriving_wakes_the_wait_before_the_deadline(redis_client):
+def test_the_arrival_that_completes_the_round_sends_the_merge_exactly_once(redis_client):
+    st = Store(redis_client)
+    open_round(st, "j", 1, ["0", "1", "2"], "lmteam.fpld.aggregate_round", ["j", 1, 123.0])
+    assert arrive(st, "j", 1, "0") is None
+    assert arrive(st, "j", 1, "0") is None  # a redelivered node counts once
+    assert arrive(st, "j", 1, "2") is None
+    assert arrive(st, "j", 1, "1") == ("lmteam.fpld.aggregate_round", ["j", 1, 123.0])
+    assert arrive(st, "j", 1, "1") is None and arrive(st, "j", 1, "0") is None  # sent once only
+    assert arrive(st, "j", 2, "0") is None  # a round with no merge (indexing, SmallTalk) triggers nothing
+
+
+def test_one_merge_owner_even_when_both_merge_tasks_fire(redis_client):
+    """The completing arrival's merge and the deadline's merge race; a redelivered copy keeps its id."""
+    st = Store(redis_client)
+    nodes = ["0", "1"]
+    for n in nodes:
+        st.submit_payload("j", 3, n, b"good")
+    results: list = []
+
+    def fire(owner: str) -> None:
+        results.append((owner, seal_when_due(st, "j", 3, nodes, deadline=st.now() + 30, owner=owner)))
+
+    threads = [threading.Thread(target=fire, args=(o,)) for o in ("arrival", "deadline")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    merging = [o for o, seal in results if seal.states is not None]
+    assert len(merging) == 1 and st.is_closed("j", 3)
+    assert seal_when_due(st, "j", 3, nodes, st.now(), owner=merging[0]).states is not None  # redelivered: still its own
+    other = "deadline" if merging[0] == "arrival" else "arrival"
+    assert seal_when_due(st, "j", 3, nodes, st.now(), owner=other).states is None
+    st.put_round_result("j", 3, {"status": "ok"})
+    assert seal_when_due(st, "j", 3, nodes, st.now(), owner=merging[0]).states is None  # merged: nothing to redo
+
+
+def test_a_node_arriving_wakes_a_waiter_before_the_deadline(redis_client):
+    """Drivers that wait for a round's tasks block on its wake-up list, not on a poll interval."""
+    from broker import keys
+    from broker.waiting import seconds_left, wait_for
+
     st = Store(redis_client)
     st.submit_payload("j", 1, "0", b"good")
 
@@ -44,6 +85,10 @@ def test_a_node_arriving_wakes_the_wait_before_the_deadline(redis_client):
 
     threading.Thread(target=late_arrival).start()
     t0 = time.monotonic()
-    states, _ = wait_and_seal(st, "j", 1, ["0", "1"], deadline=st.now() + 30)
-    assert time.monotonic() - t0 < 5
+    def both_in() -> dict | None:
+        states = st.round_nodes("j", 1, ["0", "1"])
+        return states if all(x.get("status") == "arrived" for x in states.values()) else None
+
+    states = wait_for(both_in, seconds_left(30), client=st.r, wake=keys.arrived("j", 1), poll=10)
+    assert time.monotonic() - t0 < 5  # woken by the push, long before the 10 s poll
     assert {n: s["status"] for n, s in states.items()} == {"0": "arrived", "1": "arrived"}

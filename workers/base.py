@@ -32,6 +32,8 @@ from broker import faults, keys, registry
 from broker.app import app, settings_of
 from broker.faults import Fault
 from broker.jobs import JobRecord, NodeStatus
+from broker.redelivery import restore_unacked
+from broker.round_gate import Seal, arrive, seal_when_due
 from broker.store import Store
 from broker.waiting import notify
 
@@ -75,6 +77,16 @@ def blob(st: Store, job_id: str, name: str) -> bytes:
     return data
 
 
+def end_of_part(st: Store, job_id: str, rnd: int, name: str) -> None:
+    """A task's part of its round is over: the arrival that completes a merging round sends the
+    merge at once (broker/round_gate.py), and whoever waits on the round's tasks wakes."""
+    merge = arrive(st, job_id, rnd, name)
+    if merge is not None:
+        task, args = merge
+        app.send_task(task, args=args, shadow=f"{task.rsplit('.', 2)[-2]} aggregate r{rnd} {job_id}")
+    notify(st.r, keys.arrived(job_id, rnd), st.ttl)
+
+
 def one_line(e: BaseException) -> str:
     if isinstance(e, SoftTimeLimitExceeded):
         return "soft time limit exceeded"
@@ -113,7 +125,7 @@ class TaskRun:
         JobRecord(self.st.r, self.job_id).event("node_finish", round=self.rnd, node=self.name,
                                                 status=status or self.st.node_state(self.job_id, self.rnd,
                                                                                     self.name).get("status"))
-        notify(self.st.r, keys.arrived(self.job_id, self.rnd), self.st.ttl)
+        end_of_part(self.st, self.job_id, self.rnd, self.name)
 
 
 class FleetTask(Task):
@@ -154,7 +166,7 @@ class FleetTask(Task):
             # output stands, and its record must not go back to `running`.
             if done_status is not None:
                 st.node_update(job_id, rnd, name, status=done_status)
-            notify(st.r, keys.arrived(job_id, rnd), st.ttl)
+            end_of_part(st, job_id, rnd, name)
             return None
         if skip_if_sealed and st.is_closed(job_id, rnd):  # queued behind a slow task past the deadline
             st.node_update(job_id, rnd, name, status=NodeStatus.LATE.value, reason="started after the deadline")
@@ -179,30 +191,36 @@ class FleetTask(Task):
         st.node_update_if_open(job_id, rnd, name, status=NodeStatus.FAILED.value, error=error,
                                finished_at=time.time())
         JobRecord(st.r, job_id).event("node_failed", round=rnd, node=name, error=error)
-        notify(st.r, keys.arrived(job_id, rnd), st.ttl)
+        end_of_part(st, job_id, rnd, name)
         log.warning("%s %s round %d failed: %s", self.name, name, rnd, error)
 
 
-def aggregate_once(st: Store, job_id: str, rnd: int, merge: Callable[[], dict]) -> dict:
-    """Run a round's merge at most once: a redelivered aggregator finds the result and returns it.
+def merge_round(task: Task, st: Store, job_id: str, rnd: int, nodes: list[str], deadline: float,
+                merge: Callable[[Seal], dict]) -> dict:
+    """The body of every merge task: seal when due, merge once, record the result, wake the submitter.
 
-    The submitter waits on the round result, so an error ends the round as `failed` with the
-    reason, instead of leaving it hanging; every outcome wakes the submitter.
+    Never waits: a merge task that is not due (nodes missing before the deadline) returns, and
+    the submitter sends the merge again at the deadline; one that finds the round merged, or
+    owned by the other merge task, returns. An error ends the round `failed` with the reason
+    instead of leaving it hanging.
     """
-    done = st.round_result(job_id, rnd)
-    if done is None:
+    seal = seal_when_due(st, job_id, rnd, nodes, deadline, owner=task.request.id or "local")
+    if seal.retry_in > 0:
+        return {"round": rnd, "status": "not due"}
+    if seal.states is not None:
         try:
-            st.put_round_result(job_id, rnd, merge())
+            result = merge(seal)
         except Exception as e:
-            st.put_round_result(job_id, rnd, {"round": rnd, "status": "failed",
-                                              "error": f"round {rnd}: aggregator error: {one_line(e)}"})
-            log.exception("aggregate round %d of %s failed", rnd, job_id)
-        done = st.round_result(job_id, rnd)
-    notify(st.r, keys.done(job_id, rnd), st.ttl)
-    return done or {}
+            result = {"round": rnd, "status": "failed", "error": f"round {rnd}: aggregator error: {one_line(e)}"}
+            log.exception("merge of round %d of %s failed", rnd, job_id)
+        st.put_round_result(job_id, rnd, result)
+        notify(st.r, keys.done(job_id, rnd), st.ttl)
+    return st.round_result(job_id, rnd) or {"round": rnd, "status": "merged elsewhere"}
 
 
 # --- worker lifecycle -------------------------------------------------------------------------
+
+_STARTED = time.time()  # before this process took any message from the broker
 
 @signals.worker_process_init.connect
 def _limit_threads(**_: object) -> None:
@@ -213,9 +231,16 @@ def _limit_threads(**_: object) -> None:
 
 @signals.worker_ready.connect
 def _register(sender: object = None, **_: object) -> None:
+    every = settings_of(app).heartbeat_s
     registry.register(store().r, sender.hostname, os.environ.get("LMTEAM_WORKER_NAME", sender.hostname),
                       os.environ.get("LMTEAM_ROLE", "?"), os.environ.get("LMTEAM_QUEUE", "?"),
-                      os.environ.get("LMTEAM_NODE_ID"))
+                      os.environ.get("LMTEAM_NODE_ID"), heartbeat_s=every)
+    # In the worker's main process: its beats stop when that process dies, however it dies.
+    registry.start_heartbeat(store().r, sender.hostname, every)
+    if os.environ.get("LMTEAM_ROLE") == "node":  # the only consumer of its queue: see broker/redelivery.py
+        n = restore_unacked(app, os.environ["LMTEAM_QUEUE"], started_before=_STARTED)
+        if n:
+            log.warning("restored %d unacknowledged task(s) of a previous %s worker", n, os.environ["LMTEAM_QUEUE"])
 
 
 @signals.worker_shutdown.connect

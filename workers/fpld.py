@@ -9,12 +9,12 @@ from broker import keys
 from broker.app import app, settings_of
 from broker.faults import Fault, parse_faults
 from broker.jobs import JobRecord
-from broker.round_gate import classify_nodes, quorum_error, wait_and_seal
+from broker.round_gate import Seal, classify_nodes, quorum_error
 from broker.store import Store
 from broker.wire.codec import decode_logits, encode_logits
 from pipeline.aggregate import RunningMean
 from pipeline.fpld.config import FPLDConfig
-from workers.base import FleetTask, aggregate_once, blob, private_tokens, secret, state_dir, store
+from workers.base import FleetTask, blob, merge_round, private_tokens, secret, state_dir, store
 
 
 @cache
@@ -57,20 +57,18 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
 
 @app.task(bind=True, name=keys.FPLD_AGGREGATE_TASK)
 def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
-    """Wait for the nodes until the deadline, seal the round, merge what arrived, distill."""
+    """Once every node is in or the deadline has passed: seal the round, merge what arrived, distill."""
     st = store()
-    return aggregate_once(st, job_id, rnd, lambda: _aggregate(st, job_id, rnd, deadline))
+    return merge_round(self, st, job_id, rnd, job_config(job_id).node_ids, deadline,
+                       lambda seal: _aggregate(st, job_id, rnd, seal))
 
 
-def _aggregate(st: Store, job_id: str, rnd: int, deadline: float) -> dict:
+def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
     from pipeline.data import windows_from_bytes
     from pipeline.fpld.steps import merge_and_distill
 
     job = JobRecord(st.r, job_id)
     cfg = job_config(job_id)
-    t_start = time.time()
-    st.node_update(job_id, rnd, "aggregator", status="waiting for nodes")
-    states, t_sealed = wait_and_seal(st, job_id, rnd, cfg.node_ids, deadline)
 
     teacher, full = RunningMean(), RunningMean()
 
@@ -85,13 +83,13 @@ def _aggregate(st: Store, job_id: str, rnd: int, deadline: float) -> dict:
         teacher.add(x)
         return None, meta.nbytes
 
-    _, final = classify_nodes(st, job_id, rnd, states, fold)
+    _, final = classify_nodes(st, job_id, rnd, seal.states, fold)
     st.drop_payloads(job_id, rnd, cfg.node_ids, blobs=tuple(f"diag/{rnd}/{n}" for n in cfg.node_ids),
                      keep_s=settings_of(app).payload_keep_s)
     for node, v in final.items():
         st.node_update(job_id, rnd, node, final=v["status"])
-    result: dict = {"round": rnd, "nodes": final, "merged": teacher.count, "waited_s": t_sealed - t_start,
-                    "sealed_at": t_sealed}
+    result: dict = {"round": rnd, "nodes": final, "merged": teacher.count, "open_s": seal.open_s,
+                    "sealed_at": seal.sealed_at}
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         job.event("round_failed", round=rnd, error=error)

@@ -19,11 +19,11 @@ from broker import keys
 from broker.app import app, settings_of
 from broker.faults import Fault, parse_fault
 from broker.jobs import JobRecord
-from broker.round_gate import classify_nodes, quorum_error, wait_and_seal
+from broker.round_gate import Seal, classify_nodes, quorum_error
 from broker.store import Store
 from pipeline.rag.config import QUERY_TTL, STUDENT_STORE, RAGConfig
 from pipeline.seeds import derive_seed
-from workers.base import FleetTask, aggregate_once, blob, private_tokens, secret, state_dir, store
+from workers.base import FleetTask, blob, merge_round, private_tokens, secret, state_dir, store
 
 log = get_task_logger(__name__)
 _MODELS: dict[str, object] = {}
@@ -178,20 +178,19 @@ def rag_node_score(self, job_id: str, rnd: int, node: str, phase: str) -> dict:
 @app.task(bind=True, name=keys.RAG_AGGREGATE_TASK)
 def rag_aggregate(self, job_id: str, rnd: int, deadline: float, phase: str, calibration: int | None,
                   alphas: list[float]) -> dict:
-    """Wait for the nodes until the deadline, seal, merge; calibrate, or answer with prediction sets."""
+    """Once every node is in or the deadline has passed: seal, merge; calibrate, or answer with sets."""
     st = _store_for(phase)
-    done = aggregate_once(st, job_id, rnd, lambda: _aggregate(st, job_id, rnd, deadline, phase, calibration, alphas))
+    done = merge_round(self, st, job_id, rnd, rag_config(job_id).node_ids, deadline,
+                       lambda seal: _aggregate(st, job_id, rnd, seal, phase, calibration, alphas))
     return {"round": rnd, "status": done.get("status")}
 
 
-def _aggregate(st: Store, job_id: str, rnd: int, deadline: float, phase: str, calibration: int | None,
+def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, phase: str, calibration: int | None,
                alphas: list[float]) -> dict:
     from pipeline.rag import steps
 
     cfg = rag_config(job_id)
     nodes = cfg.node_ids
-    t0 = time.time()
-    states, t_sealed = wait_and_seal(st, job_id, rnd, nodes, deadline)
     contexts = steps.contexts_from_blob(blob(st, job_id, f"queries/{rnd}"))
 
     def decode(node: str, payload: bytes) -> tuple[tuple[np.ndarray, np.ndarray], int]:
@@ -200,10 +199,10 @@ def _aggregate(st: Store, job_id: str, rnd: int, deadline: float, phase: str, ca
             node=node, n=len(contexts), cfg=cfg)
         return (ids, scores), nbytes
 
-    decoded, final = classify_nodes(st, job_id, rnd, states, decode)
+    decoded, final = classify_nodes(st, job_id, rnd, seal.states, decode)
     st.drop_payloads(job_id, rnd, nodes, keep_s=settings_of(app).payload_keep_s)
     result: dict = {"round": rnd, "phase": phase, "nodes": final, "merged": len(decoded),
-                    "waited_s": round(t_sealed - t0, 4), "queries": len(contexts)}
+                    "waited_s": round(seal.open_s, 4), "queries": len(contexts)}
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         return {**result, "status": "failed", "error": error}
@@ -216,7 +215,7 @@ def _aggregate(st: Store, job_id: str, rnd: int, deadline: float, phase: str, ca
     else:
         calib = _calibration(job_id, calibration)
         result.update(status="ok", **steps.predict(ids, scores, mask, calib, alphas or [cfg.alpha]))
-    result["merge_s"] = round(time.time() - t_sealed, 4)
+    result["merge_s"] = round(time.time() - seal.sealed_at, 4)
     return result
 
 

@@ -23,9 +23,9 @@ from broker.auth import check_fleet_secret, connect_checked
 from broker.embedded import EmbeddedFleet, WorkerSpec
 from broker.jobs import JobFailed, JobRecord, JobStatus, new_job_id
 from broker.registry import live_queues
+from broker.round_gate import follow_round, open_round
 from broker.settings import FleetSettings
 from broker.store import Store
-from broker.waiting import seconds_left, wait_for
 from pipeline.data import (
     Domain,
     assign_shards,
@@ -158,17 +158,15 @@ def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int
     job.set(round=rnd)
     job.event("round_start", round=rnd, deadline=deadline)
     progress.round_started(rnd, cfg.rounds, nodes, cfg.local_steps, cfg.distill_steps)
+    # The node that completes the round sends the merge; at the deadline we do, if none has
+    # (broker/round_gate.py). No worker waits meanwhile.
+    open_round(st, job.id, rnd, nodes, keys.FPLD_AGGREGATE_TASK, [job.id, rnd, deadline])
     for node in nodes:
         app.send_task(keys.FPLD_NODE_TASK, args=[job.id, rnd, node], shadow=f"fpld node {node} r{rnd} {job.id}")
-    app.send_task(keys.FPLD_AGGREGATE_TASK, args=[job.id, rnd, deadline], shadow=f"fpld aggregate r{rnd} {job.id}")
-
-    def finished() -> dict | None:
-        progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"]))
-        return st.round_result(job.id, rnd)
-
     # The aggregator decides the round; we only watch. Allow it time to distill after the deadline.
-    result = wait_for(finished, seconds_left(cfg.round_timeout + 600 + 20 * cfg.distill_steps), client=st.r,
-                      wake=keys.done(job.id, rnd))
+    result = follow_round(st, app, job.id, rnd, deadline, cfg.round_timeout + 600 + 20 * cfg.distill_steps,
+                          on_poll=lambda: progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"])),
+                          shadow=f"fpld aggregate r{rnd} {job.id}")
     if result is None:
         raise JobFailed(f"round {rnd}: no result from the aggregator (is an aggregator worker running?)")
     states = st.round_nodes(job.id, rnd, nodes)

@@ -28,6 +28,7 @@ from broker import keys
 from broker.app import client_app
 from broker.auth import check_fleet_secret, connect_checked
 from broker.jobs import JobFailed, JobRecord, JobStatus
+from broker.round_gate import follow_round, open_round
 from broker.settings import FleetSettings
 from broker.store import Store
 from broker.waiting import seconds_left, wait_for
@@ -257,13 +258,13 @@ class Client:
             st.put_blob(self.job, f"labels/{rnd}", np.asarray(labels, dtype=np.uint8).tobytes())
         timeout = self.cfg.query_timeout if phase == "predict" else self.cfg.calibration_timeout
         deadline = st.now() + timeout
+        merge = [self.job, rnd, deadline, phase, calibration, alphas or []]
+        open_round(st, self.job, rnd, self.cfg.node_ids, keys.RAG_AGGREGATE_TASK, merge)  # see the FPLD driver
         for node in self.cfg.node_ids:
             self.app.send_task(keys.RAG_SCORE_TASK, args=[self.job, rnd, node, phase],
                                shadow=f"rag {phase} node {node} r{rnd}")
-        self.app.send_task(keys.RAG_AGGREGATE_TASK, args=[self.job, rnd, deadline, phase, calibration, alphas or []],
-                           shadow=f"rag {phase} aggregate r{rnd}")
-        result = wait_for(lambda: st.round_result(self.job, rnd), seconds_left(timeout + 120), client=st.r,
-                          wake=keys.done(self.job, rnd), poll=1.0)
+        result = follow_round(st, self.app, self.job, rnd, deadline, timeout + 120, poll=1.0,
+                              shadow=f"rag {phase} aggregate r{rnd}")
         if result is None:
             raise RAGError(f"round {rnd}: no result from the aggregator (is an aggregator worker running?)")
         return result

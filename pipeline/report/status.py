@@ -9,17 +9,18 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.jobs import JobRecord
-from broker.registry import live_queues
+from broker.registry import workers as registered_workers
 from broker.store import Store
 
 
 def print_fleet(client: redis.Redis, job_ids: list[str], flower_url: str, console: Console | None = None) -> None:
     console = console or Console()
     workers = Table(title="workers")
-    for col in ("name", "queue", "host", "pid", "up"):
+    for col in ("name", "queue", "host", "pid", "up", "state"):
         workers.add_column(col)
-    for w in sorted(live_queues(client).values(), key=lambda w: w["name"]):
-        workers.add_row(w["name"], w["queue"], w["host"], str(w["pid"]), _ago(w["started_at"]))
+    for w in sorted(registered_workers(client).values(), key=lambda w: w["name"]):
+        state = f"lost (no heartbeat for {w['seen_s_ago']:.0f}s)" if w["lost"] else "live"
+        workers.add_row(w["name"], w["queue"], w["host"], str(w["pid"]), _ago(w["started_at"]), state)
     console.print(workers)
     jobs = Table(title="jobs (newest first)")
     for col in ("job", "kind", "status", "updated", "error"):
@@ -37,6 +38,7 @@ def print_job(client: redis.Redis, rec: dict, flower_url: str, console: Console 
     console.print(f"[bold]{rec['id']}[/]  {rec['kind']}  {rec['status']}  updated {_ago(rec['updated_at'])}"
                   + (f"\nerror: {rec['error']}" if rec.get("error") else ""))
     store = Store(client)
+    lost = {host for host, w in registered_workers(client).items() if w["lost"]}
     tasks = store.job_tasks(rec["id"])
     for rnd, names in _expected(rec).items():
         tasks[rnd] = names + [n for n in tasks.get(rnd, []) if n not in names]
@@ -46,12 +48,20 @@ def print_job(client: redis.Redis, rec: dict, flower_url: str, console: Console 
                     "attempts", "resumed from", "checkpoint"):
             table.add_column(col)
         for node, s in store.round_nodes(rec["id"], rnd, tasks[rnd]).items():
-            table.add_row(node, str(s.get("final") or s.get("status", "queued")), str(s.get("step", "")),
+            table.add_row(node, _task_status(s, lost), str(s.get("step", "")),
                           str(s.get("loss", "")), f"{int(s.get('payload_bytes', 0) or 0):,}",
                           str(s.get("retries", "")), str(s.get("attempts", "")), str(s.get("resumed_from", "")),
                           str(s.get("checkpoint_step", "")))
         console.print(table)
     console.print(f"Flower: {flower_url}/tasks?search={rec['id']}")
+
+
+def _task_status(s: dict, lost_workers: set[str]) -> str:
+    """A task still `running` on a worker whose heartbeat stopped is lost until redelivered."""
+    status = str(s.get("final") or s.get("status", "queued"))
+    if status in ("running", "retrying") and s.get("worker") in lost_workers:
+        return f"lost (worker {s['worker']})"
+    return status
 
 
 def _expected(rec: dict) -> dict[int, list[str]]:
