@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from inputs import add_corpus_args, corpus_files  # noqa: E402  (bench/inputs.py)
 
 from broker.embedded import EmbeddedFleet, WorkerSpec  # noqa: E402
 from broker.settings import FleetSettings  # noqa: E402
@@ -120,10 +121,7 @@ def latency(client: Client, cfg: RAGConfig, student, calib_round: int, texts: li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, action="append", default=[],
-                    help="a text file per domain (repeat); default: the built-in standard-library corpus")
-    ap.add_argument("--corpus-dir", type=Path, default=None,
-                    help="every *.txt in a folder, one domain each (the committed result: ../shared/data/corpora)")
+    add_corpus_args(ap)
     ap.add_argument("--student", type=Path, default=None)
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16], help="bits per score b; B_i = k' b")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
@@ -141,8 +139,7 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.time()
 
-    files = [str(p) for p in args.corpus] + (sorted(str(p) for p in args.corpus_dir.glob("*.txt"))
-                                             if args.corpus_dir else [])
+    files = corpus_files(args)
     domains = load_corpus(files) if files else default_corpus()
     tmp = Path(tempfile.mkdtemp(prefix="lmteam-fcrag-"))
     specs = []

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from inputs import add_corpus_args, corpus_files  # noqa: E402  (bench/inputs.py)
 
 from broker.settings import FleetSettings  # noqa: E402
 from broker.store import Store  # noqa: E402
@@ -55,10 +56,7 @@ def references(cfg: FPLDConfig, data) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, action="append", default=[],
-                    help="a text file per domain (repeat); default: the built-in standard-library corpus")
-    ap.add_argument("--corpus-dir", type=Path, default=None,
-                    help="every *.txt in a folder, one domain each (the committed result: ../shared/data/corpora)")
+    add_corpus_args(ap)
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=150)
@@ -67,8 +65,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
     args = ap.parse_args()
 
-    files = [str(p) for p in args.corpus] + (sorted(str(p) for p in args.corpus_dir.glob("*.txt"))
-                                             if args.corpus_dir else [])
+    files = corpus_files(args)
     base = FPLDConfig(nodes=4, rounds=args.rounds, corpus=files, local_steps=args.local_steps,
                       distill_steps=args.distill_steps, measure_teacher_kl=True).validate()
     data = prepare_data(base, load_domains(base))

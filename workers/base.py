@@ -222,6 +222,7 @@ def merge_round(task: Task, st: Store, job_id: str, rnd: int, nodes: list[str], 
 
 _STARTED = time.time()  # before this process took any message from the broker
 
+
 @signals.worker_process_init.connect
 def _limit_threads(**_: object) -> None:
     import torch
