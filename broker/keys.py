@@ -100,6 +100,11 @@ def merge_owner(job_id: str, rnd: int) -> str:
     return f"{PREFIX}:owner:{job_id}:{rnd}"
 
 
+def worker_claims(hostname: str) -> str:
+    """Set of the merge tasks a worker has claimed and not finished (restored if it restarts)."""
+    return f"{PREFIX}:claims:{hostname}"
+
+
 def done(job_id: str, rnd: int) -> str:
     """List pushed to once a round's result is written: wakes the submitter at once."""
     return f"{PREFIX}:done:{job_id}:{rnd}"

@@ -97,3 +97,24 @@ def test_fleet_over_tls(setup):
         report = drive(cfg, fleet.settings, data)
         assert report["rounds"][0]["merged"] == 4
         assert report["settings"]["broker_url"].startswith("rediss://:***@")
+
+
+def test_aggregator_killed_mid_distillation_merges_once_after_restart(setup):
+    """SIGKILL the aggregator while it distills, restart it under its name: it takes the merge it
+    had claimed back at once (the visibility timeout is two hours here), and the round merges once."""
+    corpus, data = setup
+    cfg = tiny_config(corpus, distill_steps=4000, quorum=4, round_timeout=60.0)
+    with local_fleet(cfg, data, FleetSettings(visibility_timeout=7200)) as fleet:
+        store = Store.from_url(fleet.settings.backend_url)
+        fleet.wait_ready(store.r)
+        t, box = in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-aggkill"))
+        assert wait_until(lambda: int(store.node_state("fpld-aggkill", 0, "aggregator").get("step", 0)) >= 100, 90)
+        fleet.kill_worker("aggregator")
+        killed_at = int(store.node_state("fpld-aggkill", 0, "aggregator")["step"])
+        assert killed_at < cfg.distill_steps - 1  # it died mid-distillation
+        fleet.start_worker(WorkerSpec("aggregator"))
+        t.join(180)
+        assert not t.is_alive(), "the merge was not taken back (it would wait out the visibility timeout)"
+        assert "error" not in box, box.get("error")
+        assert box["report"]["rounds"][0]["merged"] == 4
+        assert _merges_per_round(store, "fpld-aggkill") == {0: 1}

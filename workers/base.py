@@ -196,24 +196,30 @@ class FleetTask(Task):
 
 
 def merge_round(task: Task, st: Store, job_id: str, rnd: int, nodes: list[str], deadline: float,
-                merge: Callable[[Seal], dict]) -> dict:
+                merge: Callable[[Seal], dict], side_blobs: tuple[str, ...] = ()) -> dict:
     """The body of every merge task: seal when due, merge once, record the result, wake the submitter.
 
     Never waits: a merge task that is not due (nodes missing before the deadline) returns, and
     the submitter sends the merge again at the deadline; one that finds the round merged, or
     owned by the other merge task, returns. An error ends the round `failed` with the reason
-    instead of leaving it hanging.
+    instead of leaving it hanging. Only once the result is written are the round's payloads (and
+    `side_blobs`) deleted: a merge redone after its worker died still finds them.
     """
     seal = seal_when_due(st, job_id, rnd, nodes, deadline, owner=task.request.id or "local")
     if seal.retry_in > 0:
         return {"round": rnd, "status": "not due"}
     if seal.states is not None:
+        claims = keys.worker_claims(task.request.hostname or "local")
+        st.r.sadd(claims, task.request.id or "local")  # if this worker dies, its restart takes the merge back
+        st.r.expire(claims, st.ttl)
         try:
             result = merge(seal)
         except Exception as e:
             result = {"round": rnd, "status": "failed", "error": f"round {rnd}: aggregator error: {one_line(e)}"}
             log.exception("merge of round %d of %s failed", rnd, job_id)
         st.put_round_result(job_id, rnd, result)
+        st.drop_payloads(job_id, rnd, nodes, blobs=side_blobs, keep_s=settings_of(app).payload_keep_s)
+        st.r.srem(claims, task.request.id or "local")
         notify(st.r, keys.done(job_id, rnd), st.ttl)
     return st.round_result(job_id, rnd) or {"round": rnd, "status": "merged elsewhere"}
 
@@ -238,10 +244,17 @@ def _register(sender: object = None, **_: object) -> None:
                       os.environ.get("LMTEAM_NODE_ID"), heartbeat_s=every)
     # In the worker's main process: its beats stop when that process dies, however it dies.
     registry.start_heartbeat(store().r, sender.hostname, every)
-    if os.environ.get("LMTEAM_ROLE") == "node":  # the only consumer of its queue: see broker/redelivery.py
-        n = restore_unacked(app, os.environ["LMTEAM_QUEUE"], started_before=_STARTED)
-        if n:
-            log.warning("restored %d unacknowledged task(s) of a previous %s worker", n, os.environ["LMTEAM_QUEUE"])
+    # What a killed predecessor of this worker held goes back to its queue now (broker/redelivery.py).
+    role, queue = os.environ.get("LMTEAM_ROLE"), os.environ.get("LMTEAM_QUEUE", "")
+    if role == "node":  # the only consumer of its queue
+        n = restore_unacked(app, queue, started_before=_STARTED)
+    elif role == "aggregator":  # a shared queue: only the merges this worker's name had claimed
+        claims = {c.decode() for c in store().r.smembers(keys.worker_claims(sender.hostname))}
+        n = restore_unacked(app, queue, started_before=_STARTED, ids=claims) if claims else 0
+    else:
+        n = 0
+    if n:
+        log.warning("restored %d unacknowledged task(s) of a previous %s worker", n, sender.hostname)
 
 
 @signals.worker_shutdown.connect

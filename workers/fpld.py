@@ -59,8 +59,9 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
 def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
     """Once every node is in or the deadline has passed: seal the round, merge what arrived, distill."""
     st = store()
-    return merge_round(self, st, job_id, rnd, job_config(job_id).node_ids, deadline,
-                       lambda seal: _aggregate(st, job_id, rnd, seal))
+    nodes = job_config(job_id).node_ids
+    return merge_round(self, st, job_id, rnd, nodes, deadline, lambda seal: _aggregate(st, job_id, rnd, seal),
+                       side_blobs=tuple(f"diag/{rnd}/{n}" for n in nodes))
 
 
 def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
@@ -84,8 +85,6 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
         return None, meta.nbytes
 
     _, final = classify_nodes(st, job_id, rnd, seal.states, fold)
-    st.drop_payloads(job_id, rnd, cfg.node_ids, blobs=tuple(f"diag/{rnd}/{n}" for n in cfg.node_ids),
-                     keep_s=settings_of(app).payload_keep_s)
     for node, v in final.items():
         st.node_update(job_id, rnd, node, final=v["status"])
     result: dict = {"round": rnd, "nodes": final, "merged": teacher.count, "open_s": seal.open_s,

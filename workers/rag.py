@@ -200,7 +200,6 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, phase: str, calibra
         return (ids, scores), nbytes
 
     decoded, final = classify_nodes(st, job_id, rnd, seal.states, decode)
-    st.drop_payloads(job_id, rnd, nodes, keep_s=settings_of(app).payload_keep_s)
     result: dict = {"round": rnd, "phase": phase, "nodes": final, "merged": len(decoded),
                     "waited_s": round(seal.open_s, 4), "queries": len(contexts)}
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
