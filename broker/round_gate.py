@@ -79,7 +79,7 @@ def open_round(st: Store, job_id: str, rnd: int, nodes: list[str], merge_task: s
 def arrive(st: Store, job_id: str, rnd: int, node: str) -> tuple[str, list] | None:
     """Count node's part of the round as over; the arrival that completes the set gets the merge
     task (name, args) to send, exactly once. None for every other arrival, or a round with no merge."""
-    out = st.r.register_script(_ARRIVE)(keys=[keys.round_spec(job_id, rnd), keys.arrived_set(job_id, rnd)],
+    out = st.lua(_ARRIVE)(keys=[keys.round_spec(job_id, rnd), keys.arrived_set(job_id, rnd)],
                                         args=[node, st.ttl])
     if not out:
         return None
@@ -132,7 +132,7 @@ def seal_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadline: 
     left = deadline - st.now()
     if left > 0 and not all(s.get("status") in FINAL for s in states.values()):
         return Seal(retry_in=left)
-    claimed = st.r.register_script(_CLAIM)(keys=[keys.merge_owner(job_id, rnd)], args=[owner, st.ttl])
+    claimed = st.lua(_CLAIM)(keys=[keys.merge_owner(job_id, rnd)], args=[owner, st.ttl])
     if not claimed:
         return Seal()
     st.close_round(job_id, rnd)

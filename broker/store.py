@@ -66,8 +66,15 @@ class Store:
     def __init__(self, client: redis.Redis, ttl: int = 7 * 86400) -> None:
         self.r = client
         self.ttl = ttl
-        self._submit = client.register_script(_SUBMIT)
-        self._set_if_open = client.register_script(_SET_IF_OPEN)
+        self._scripts: dict[str, object] = {}
+        self._submit = self.lua(_SUBMIT)
+        self._set_if_open = self.lua(_SET_IF_OPEN)
+
+    def lua(self, source: str):
+        """A Lua script registered once per store (redis-py then sends EVALSHA, not the source)."""
+        if source not in self._scripts:
+            self._scripts[source] = self.r.register_script(source)
+        return self._scripts[source]
 
     @classmethod
     def from_url(cls, url: str, ttl: int = 7 * 86400) -> Store:

@@ -100,6 +100,7 @@ class TaskRun:
     def __init__(self, st: Store, job_id: str, rnd: int, name: str, fault: Fault | None) -> None:
         self.st, self.job_id, self.rnd, self.name, self.fault = st, job_id, rnd, name, fault
         self._t0, self._cpu0 = time.perf_counter(), time.process_time()
+        self.outcome: str | None = None  # what submit() got back, if it sent a payload
 
     def blob(self, name: str) -> bytes:
         return blob(self.st, self.job_id, name)
@@ -113,7 +114,8 @@ class TaskRun:
     def submit(self, payload: bytes) -> str:
         """Send the payload into the round: 'arrived', 'late' (sealed already) or 'duplicate'."""
         payload = faults.before_send(self.fault, payload, secret())
-        return self.st.submit_payload(self.job_id, self.rnd, self.name, payload)
+        self.outcome = self.st.submit_payload(self.job_id, self.rnd, self.name, payload)
+        return self.outcome
 
     def finish(self, status: str | None = None, **fields: object) -> None:
         """Record the outcome and wake whoever waits for this round's tasks."""
@@ -123,8 +125,7 @@ class TaskRun:
         fields.setdefault("cpu_s", time.process_time() - self._cpu0)
         self.record(finished_at=time.time(), t_task=time.perf_counter() - self._t0, **fields)
         JobRecord(self.st.r, self.job_id).event("node_finish", round=self.rnd, node=self.name,
-                                                status=status or self.st.node_state(self.job_id, self.rnd,
-                                                                                    self.name).get("status"))
+                                                status=status or self.outcome)
         end_of_part(self.st, self.job_id, self.rnd, self.name)
 
 
