@@ -2,14 +2,16 @@
 and the latency of a query against a warm fleet of 4 nodes.
 
 K=4 nodes on an embedded fleet, one domain each (the files of --corpus or --corpus-dir; by default
-the built-in corpus; the committed result used --corpus-dir ../shared/data/corpora). The student is distilled by a short FPLD job on the same fleet (or
+the built-in corpus; the committed result used --corpus-dir ../shared/data/corpora). The student
+is distilled by a short FPLD job on the same fleet (or
 --student PATH). Each node indexes the private training part of its domain; calibration and test
 queries come from the held-out tails of all domains, which no node indexes and FPLD never trains
 on. For every budget B_i = k' x b bits (b bits per score) a fresh job calibrates on --n-cal queries
 and tests on --n-test; every alpha is read off the same runs. The nodes cache raw scores of a
 repeated query batch, so only quantization (the part the budget changes) is redone per budget.
 
-    python bench/fcrag.py [--corpus FILE ... | --corpus-dir DIR] [--bits 1 2 3 4 8 16] [--alphas 0.05 0.1 0.2] [--student PATH]
+    python bench/fcrag.py [--corpus FILE ... | --corpus-dir DIR] [--bits 1 2 3 4 8 16]
+                          [--alphas 0.05 0.1 0.2] [--student PATH]
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 
 Domains (480 KB each, so balanced clusters can be pure): with --corpus-dir, Shakespeare, Grimm's
 fairy tales and WikiText-2 from that folder, and Python standard-library source (the built-in
-corpus's "code" domain); without it, the built-in corpus's own domains. Sequences are 129-byte windows; each keeps its source label for purity only.
+corpus's "code" domain); without it, the built-in corpus's own domains. Sequences are 129-byte
+windows; each keeps its source label for purity only.
 
 1. Main run, on an embedded fleet (private Redis, 2 expert workers and an aggregator worker):
    router EM (12 rounds of fresh sequences, balanced assignment), then 4 experts and the dense

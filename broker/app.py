@@ -43,7 +43,7 @@ def route(name: str, args: tuple, kwargs: dict, options: dict, task: object = No
     return None  # unrouted: send_task fails on the undeclared default queue
 
 
-def celery_config(settings: FleetSettings) -> dict[str, object]:
+def celery_config(settings: FleetSettings, queues: tuple[str, ...] = ()) -> dict[str, object]:
     # kombu's defaults scan for unacknowledged messages of dead workers only every ~100 s
     # (interval 10 s, throttle 10); scan every interval so redelivery follows the visibility timeout.
     transport = {"visibility_timeout": settings.visibility_timeout,
@@ -54,7 +54,7 @@ def celery_config(settings: FleetSettings) -> dict[str, object]:
         task_serializer="msgpack",
         accept_content=["msgpack"],
         task_ignore_result=True,
-        task_queues=declared_queues(),
+        task_queues=declared_queues(queues),
         task_routes=(route,),
         task_create_missing_queues=False,
         task_acks_late=True,
@@ -79,8 +79,7 @@ def celery_config(settings: FleetSettings) -> dict[str, object]:
 
 def configure(app: Celery, settings: FleetSettings, queues: tuple[str, ...] = ()) -> Celery:
     """Point the app at a broker (used after an embedded Redis has started); `queues` adds node queues."""
-    app.conf.update(celery_config(settings))
-    app.conf.task_queues = declared_queues(queues)
+    app.conf.update(celery_config(settings, queues))
     app.conf.lmteam_settings = settings
     return app
 
