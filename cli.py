@@ -45,11 +45,16 @@ def main() -> None:
 @click.option("--name", default=None,
               help="Worker name, unique on this host, e.g. expert1 to run a second expert worker "
                    "[default: node<id>, or the role].")
+@click.option("--model", "models", multiple=True, metavar="DIR|ALIAS",
+              help="A local HF model folder this worker may serve (repeat for several): a job naming a model "
+                   "with the same weights' hash uses this copy, wherever the submitter keeps its own.")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps: overrides the job's --device here.")
 @click.option("--loglevel", default="info", show_default=True)
 @broker_option
 @secret_option
 @one_line_errors
-def worker(role, node_id, data, threads, state_dir, concurrency, name, loglevel, broker, secret) -> None:
+def worker(role, node_id, data, threads, state_dir, concurrency, name, models, device, loglevel, broker,
+           secret) -> None:
     """Start a worker (a thin wrapper over `celery worker`).
 
     \b
@@ -83,6 +88,14 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, loglevel,
                        "LMTEAM_NODE_DATA": os.pathsep.join(str(Path(p).resolve()) for p in data)})
     if node_id is not None:
         os.environ["LMTEAM_NODE_ID"] = str(node_id)
+    if models:
+        from pipeline.models.spec import resolve_source
+
+        os.environ["LMTEAM_MODELS"] = os.pathsep.join(resolve_source(m) for m in models)
+    if device:
+        from pipeline.models.lm import resolve_device
+
+        os.environ["LMTEAM_DEVICE"] = resolve_device(device)
     from broker.app import app, configure
 
     configure(app, settings, queues=(queue,) if role == "node" else ())
@@ -147,11 +160,13 @@ def flower(port, address, basic_auth, broker) -> None:
 def _register_commands() -> None:
     # Each job kind keeps its commands next to its code; the CLI only assembles them.
     from pipeline.fpld.cli import fpld
+    from pipeline.models.cli import model
     from pipeline.rag.cli import rag
     from pipeline.report.cli import report
     from pipeline.smalltalk.cli import generate, smalltalk
 
     main.add_command(fpld)
+    main.add_command(model)
     main.add_command(report)
     main.add_command(rag)
     main.add_command(smalltalk)

@@ -41,3 +41,24 @@ def mean_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
     for x in logits:
         acc.add(x)
     return acc.mean()
+
+
+class TensorMeans:
+    """RunningMean per named tensor: FedAvg's merge of the nodes' weights, one node at a time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, RunningMean] = {}
+        self.count = 0
+
+    def add(self, tensors: dict[str, np.ndarray]) -> None:
+        if self.sums and set(tensors) != set(self.sums):
+            raise ValueError(f"tensor names differ: {sorted(set(tensors) ^ set(self.sums))[:3]}")
+        for name, x in tensors.items():
+            self.sums.setdefault(name, RunningMean()).add(np.asarray(x))
+        self.count += 1
+
+    def means(self) -> dict:
+        """The mean of every tensor, as torch tensors (what a safetensors state blob holds)."""
+        import torch
+
+        return {name: torch.from_numpy(m.mean()) for name, m in self.sums.items()}

@@ -20,7 +20,7 @@ EXIT_FAILED = 1
 
 # Bad input: click's usage error (exit 2).
 USAGE_ERRORS = (("pipeline.data", "CorpusError"), ("pipeline.job_config", "ConfigError"),
-                ("broker.settings", "SettingsError"))
+                ("broker.settings", "SettingsError"), ("pipeline.models.spec", "ModelError"))
 # The job or the fleet could not do it: "Error: ..." (exit 1).
 FAILURES = (("broker.embedded", "EmbeddedError"), ("broker.jobs", "UnknownJob"), ("broker.auth", "FleetAuthError"),
             ("broker.jobs", "JobFailed"))

@@ -305,7 +305,7 @@ def windows(
     """
     width = block_size + 1
     if len(tokens) < width:
-        raise CorpusError(f"text of {len(tokens)} bytes is shorter than one window of {width} bytes")
+        raise CorpusError(f"text of {len(tokens)} tokens is shorter than one window of {width} tokens")
     tokens = np.asarray(tokens)
     if rng is not None:
         if n is None:
@@ -318,12 +318,16 @@ def windows(
 
 
 def windows_to_bytes(windows: torch.Tensor) -> bytes:
-    """(N, L+1) byte windows as raw uint8: how probe, eval and training sets travel through the store."""
-    return windows.to(torch.uint8).numpy().tobytes()
+    """(N, L+1) token windows as little-endian int32: how probe, eval and training sets travel
+    through the store (int32, not uint8: a real tokenizer's ids go far past 255)."""
+    arr = windows.cpu().numpy()
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"token ids must fit int32, got {arr.min()}..{arr.max()}")
+    return arr.astype("<i4").tobytes()
 
 
 def windows_from_bytes(data: bytes, block_size: int) -> torch.Tensor:
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if arr.size % (block_size + 1):
-        raise ValueError(f"window blob of {arr.size} bytes is not a multiple of block_size+1={block_size + 1}")
+    if len(data) % (4 * (block_size + 1)):
+        raise ValueError(f"window blob of {len(data)} bytes is not a multiple of 4*(block_size+1)={4 * (block_size + 1)}")
+    arr = np.frombuffer(data, dtype="<i4")
     return torch.from_numpy(arr.reshape(-1, block_size + 1).astype(np.int64))

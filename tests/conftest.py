@@ -26,3 +26,14 @@ def redis_client(redis_server):
     client.flushdb()
     yield client
     client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A real transformers model folder, built once per session in about a second: a random 2-layer
+    llama (width 64, context 64) with a byte-level BPE tokenizer of 384 tokens, so any code that
+    assumes the 256-byte vocabulary fails against it. Treat it as read-only."""
+    from pipeline.models.hf_init import init_tiny_model
+
+    return init_tiny_model(tmp_path_factory.mktemp("hf") / "tiny-llama", arch="llama", layers=2, width=64, heads=4,
+                           vocab=384, block_size=64, seed=0)

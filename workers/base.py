@@ -65,6 +65,26 @@ def private_tokens() -> np.ndarray:
     return np.concatenate([d.tokens for d in load_corpus(paths)])
 
 
+_IDS: dict[str, np.ndarray] = {}
+
+
+def private_ids(spec) -> np.ndarray:
+    """This worker's private text as token ids of the job's model (tokenized once per tokenizer)."""
+    from pipeline.models.lm import tokenizer_for
+
+    tok = tokenizer_for(spec)
+    if tok.identity not in _IDS:
+        _IDS[tok.identity] = tok.encode_bytes(private_tokens())
+    return _IDS[tok.identity]
+
+
+def device_for(job_device: str) -> str:
+    """The device this worker trains on: its own --device (LMTEAM_DEVICE) wins over the job's."""
+    from pipeline.models.lm import resolve_device
+
+    return resolve_device(os.environ.get("LMTEAM_DEVICE") or job_device)
+
+
 def state_dir() -> Path:
     """Node-local disk (LMTEAM_STATE_DIR): survives the worker process, unlike memory."""
     return Path(os.environ.get("LMTEAM_STATE_DIR") or Path("lmteam-state") / os.environ.get("LMTEAM_WORKER_NAME", "worker"))

@@ -11,10 +11,9 @@ from broker.faults import Fault, parse_faults
 from broker.jobs import JobRecord
 from broker.round_gate import Seal, classify_nodes, quorum_error
 from broker.store import Store
-from broker.wire.codec import decode_logits, encode_logits
-from pipeline.aggregate import RunningMean
+from broker.wire.codec import encode_logits
 from pipeline.fpld.config import FPLDConfig
-from workers.base import FleetTask, blob, merge_round, private_tokens, secret, state_dir, store
+from workers.base import FleetTask, blob, device_for, merge_round, private_ids, secret, state_dir, store
 
 
 @cache
@@ -42,9 +41,9 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
     cfg = job_config(job_id)
     ckpt_path = state_dir() / "checkpoints" / f"{job_id}-r{rnd}-n{node}.safetensors"
     out = node_round(cfg, job=job_id, rnd=rnd, node=node, student=run.blob(f"student/{rnd}"),
-                     private=private_tokens(), probe=windows_from_bytes(run.blob("probe"), cfg.block_size),
+                     private=private_ids(cfg.model_spec()), probe=windows_from_bytes(run.blob("probe"), cfg.block_size),
                      eval_windows=windows_from_bytes(run.blob("eval"), cfg.block_size),
-                     secret=secret(), progress=run.progress, checkpoint=ckpt_path)
+                     secret=secret(), progress=run.progress, checkpoint=ckpt_path, device=device_for(cfg.device))
     ckpt_path.unlink(missing_ok=True)
     if out.full_logits is not None:  # --measure-teacher-kl: the float32 side channel, counted apart
         diag = encode_logits(out.full_logits, secret=secret(), job=job_id, round=rnd, node=node, bits=32)
@@ -66,28 +65,28 @@ def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
 
 def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
     from pipeline.data import windows_from_bytes
-    from pipeline.fpld.steps import merge_and_distill
+    from pipeline.fpld.merge import RoundMerge
+    from pipeline.fpld.steps import average_weights, merge_and_distill, reference_logits
+    from pipeline.models.lm import vocab_size
 
     job = JobRecord(st.r, job_id)
     cfg = job_config(job_id)
-
-    teacher, full = RunningMean(), RunningMean()
+    device = device_for(cfg.device)
+    student = blob(st, job_id, f"student/{rnd}")
+    probe = windows_from_bytes(blob(st, job_id, "probe"), cfg.block_size)
+    eval_windows = windows_from_bytes(blob(st, job_id, "eval"), cfg.block_size)
+    sparse = cfg.method == "fpld" and cfg.payload == "sparse"
+    merge = RoundMerge(cfg, job=job_id, rnd=rnd, vocab=vocab_size(cfg.model_spec()), secret=secret(),
+                       max_bytes=settings_of(app).max_payload_bytes,
+                       reference=reference_logits(cfg, student, probe, device) if sparse else None)
 
     def fold(node: str, payload: bytes) -> tuple[None, int]:
-        """Decode strictly and add into the running means at once: no payload is kept."""
-        x, meta = decode_logits(payload, secret=secret(), max_bytes=settings_of(app).max_payload_bytes,
-                                expect_shape=(cfg.probe_seqs * cfg.block_size, 256),
-                                expect_job=job_id, expect_round=rnd, expect_node=node)
-        diag = st.get_blob(job_id, f"diag/{rnd}/{node}")
-        if diag is not None:
-            full.add(decode_logits(diag, secret=secret())[0])
-        teacher.add(x)
-        return None, meta.nbytes
+        return None, merge.fold(node, payload, st.get_blob(job_id, f"diag/{rnd}/{node}"))
 
     _, final = classify_nodes(st, job_id, rnd, seal.states, fold)
     for node, v in final.items():
         st.node_update(job_id, rnd, node, final=v["status"])
-    result: dict = {"round": rnd, "nodes": final, "merged": teacher.count, "open_s": seal.open_s,
+    result: dict = {"round": rnd, "nodes": final, "merged": merge.count, "open_s": seal.open_s,
                     "sealed_at": seal.sealed_at}
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
@@ -97,14 +96,15 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
     def progress(step: int, loss: float) -> None:
         st.node_update(job_id, rnd, "aggregator", step=step, loss=round(loss, 4))
 
-    st.node_update(job_id, rnd, "aggregator", status=f"distilling from {teacher.count} nodes")
-    student, metrics = merge_and_distill(
-        cfg, job=job_id, rnd=rnd, student=blob(st, job_id, f"student/{rnd}"), teacher=teacher.mean(),
-        probe=windows_from_bytes(blob(st, job_id, "probe"), cfg.block_size),
-        eval_windows=windows_from_bytes(blob(st, job_id, "eval"), cfg.block_size),
-        full_teacher=full.mean() if full.count and full.count == teacher.count else None,  # like with like
-        progress=progress)
-    st.put_blob_once(job_id, f"student/{rnd + 1}", student)
+    if cfg.method == "fedavg":
+        st.node_update(job_id, rnd, "aggregator", status=f"averaging {merge.count} nodes' weights")
+        new, metrics = average_weights(cfg, student, merge.teacher.means(), eval_windows, device)
+    else:
+        st.node_update(job_id, rnd, "aggregator", status=f"distilling from {merge.count} nodes")
+        new, metrics = merge_and_distill(cfg, job=job_id, rnd=rnd, student=student, teacher=merge.teacher.mean(),
+                                         probe=probe, eval_windows=eval_windows, full_teacher=merge.full_teacher(),
+                                         progress=progress, device=device)
+    st.put_blob_once(job_id, f"student/{rnd + 1}", new)
     st.node_update(job_id, rnd, "aggregator", status="done", final="merged")
-    job.event("round_merged", round=rnd, merged=teacher.count)
+    job.event("round_merged", round=rnd, merged=merge.count)
     return {**result, "status": "ok", "finished_at": time.time(), **metrics}

@@ -28,6 +28,28 @@ from pipeline.cli_errors import broker_option, one_line_errors, secret_option, s
 @click.option("--distill-steps", default=150, show_default=True, help="Distillation steps per round.")
 @click.option("--probe-seqs", default=64, show_default=True, help="Public probe sequences (logits at every position).")
 @click.option("--eval-seqs", default=64, show_default=True, help="Held-out sequences for perplexity.")
+@click.option("--method", type=click.Choice(["fpld", "fedavg"]), default="fpld", show_default=True,
+              help="fpld: nodes send probe logits, the aggregator distills; fedavg: the baseline, nodes send "
+                   "their weights (or LoRA adapters) and the student is their mean.")
+@click.option("--payload", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
+              help="dense: every logit at --bits; sparse: the top --topk log-probs per position at --bits, the "
+                   "tail rebuilt from the broadcast student (for real vocabularies).")
+@click.option("--topk", default=128, show_default=True, help="Tokens per position in a sparse payload.")
+@click.option("--model", "-m", default="", metavar="DIR|ALIAS|HUB_ID",
+              help="An HF causal LM: a local folder (see `lmteam model init`), `smollm2` once pulled "
+                   "(`lmteam model pull smollm2`), or a hub id where you have network. "
+                   "Default: the built-in byte-level GPT sized by --n-layer/--n-embd.")
+@click.option("--lora-rank", default=0, show_default=True,
+              help="Fine-tune and distill LoRA adapters of this rank (HF models); only adapters travel. 0: all weights.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available), cpu, cuda, cuda:N or mps; a worker's own --device wins.")
+@click.option("--block-size", default=64, show_default=True, help="Tokens per training/probe window.")
+@click.option("--n-layer", default=2, show_default=True, help="Built-in model: transformer blocks.")
+@click.option("--n-embd", default=128, show_default=True, help="Built-in model: width.")
+@click.option("--n-head", default=4, show_default=True, help="Built-in model: attention heads.")
+@click.option("--batch-size", default=16, show_default=True, help="Windows per training and distillation step.")
+@click.option("--lr", default=3e-3, show_default=True, help="Local fine-tuning learning rate.")
+@click.option("--distill-lr", default=3e-3, show_default=True, help="Distillation learning rate.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--measure-teacher-kl", is_flag=True,
               help="Nodes also upload float32 probe logits (4x an 8-bit payload) so the report gives "
@@ -41,12 +63,19 @@ from pipeline.cli_errors import broker_option, one_line_errors, secret_option, s
 @secret_option
 @one_line_errors
 def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, corpus, local_steps, distill_steps,
-         probe_seqs, eval_seqs, seed, measure_teacher_kl, fault, out, quiet, broker, secret) -> None:
+         probe_seqs, eval_seqs, method, payload, topk, model, lora_rank, device, block_size, n_layer, n_embd, n_head,
+         batch_size, lr, distill_lr, seed, measure_teacher_kl, fault, out, quiet, broker, secret) -> None:
     """Federated probe-logit distillation (arXiv 2605.09986).
 
     K nodes fine-tune the broadcast student on their private text, send B-bit quantized logits
     on a public probe set, and the aggregator distills the next student from their mean.
     Prints a summary table and writes a JSON report.
+
+    \b
+    A real model, LoRA adapters, sparse payloads at its full vocabulary:
+      lmteam model pull smollm2
+      lmteam fpld --model smollm2 --lora-rank 8 --payload sparse --topk 128 --block-size 128
+    The FedAvg baseline on the same fleet: lmteam fpld --method fedavg ...
     """
     from broker.jobs import new_job_id
     from pipeline.fpld.config import FPLDConfig
@@ -64,8 +93,15 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
     cfg = FPLDConfig(nodes=nodes, rounds=rounds, bits=bits, clip=clip, dither=dither, compress=compress,
                      quorum=quorum, round_timeout=round_timeout, corpus=[str(p) for p in corpus],
                      local_steps=local_steps, distill_steps=distill_steps, probe_seqs=probe_seqs,
-                     eval_seqs=eval_seqs, seed=seed, measure_teacher_kl=measure_teacher_kl,
-                     faults=faults).validate()
+                     eval_seqs=eval_seqs, seed=seed, measure_teacher_kl=measure_teacher_kl, method=method,
+                     payload=payload, topk=topk, model=model, lora_rank=lora_rank, device=device,
+                     block_size=block_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, batch_size=batch_size,
+                     lr=lr, distill_lr=distill_lr, faults=faults).validate()
+    from pipeline.fpld.driver import resolve_model
+    from pipeline.models.lm import resolve_device
+
+    resolve_device(device)  # a bad --device fails here, in one line, before anything starts
+    cfg = resolve_model(cfg)
     settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
     from pipeline.data import load_corpus
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from broker.faults import parse_faults
 from broker.round_gate import default_quorum
 from pipeline.job_config import ConfigError, JobConfig
+from pipeline.models.spec import ModelSpec
+from pipeline.models.tokenizer import ByteTokenizer
 
 
 @dataclass
@@ -45,7 +47,22 @@ class FPLDConfig(JobConfig):
     eval_seqs: int = 64
     corpus: list[str] = field(default_factory=list)
     """text files; empty means the built-in standard-library corpus"""
-    # model (pipeline.models.gpt.GPTConfig)
+    method: str = "fpld"
+    """fpld (probe logits) or fedavg (the baseline: nodes send their weights, the mean is the student)"""
+    payload: str = "dense"
+    """dense (every logit at B bits) or sparse (top-k log-probs at B bits, the tail shaped by the
+    broadcast student both ends hold: broker/wire/sparse.py)"""
+    topk: int = 128
+    """tokens per position in a sparse payload"""
+    # model: "" is the built-in byte-level GPT (pipeline.models.gpt.GPTConfig, sized below);
+    # else an HF folder, a hub id or an alias, resolved and hashed at submit (pipeline/models/lm.py)
+    model: str = ""
+    model_sha: str = ""
+    """sha256 of the model folder's weights, filled in at submit: the model's identity"""
+    lora_rank: int = 0
+    """> 0: fine-tune and distill LoRA adapters of this rank only (HF models); 0: every weight"""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda, cuda:N or mps; a worker's own --device wins"""
     block_size: int = 64
     n_layer: int = 2
     n_head: int = 4
@@ -65,9 +82,13 @@ class FPLDConfig(JobConfig):
     def node_ids(self) -> list[str]:
         return [str(i) for i in range(self.nodes)]
 
-    def model_config(self) -> dict[str, int]:
-        return {"vocab_size": 256, "block_size": self.block_size, "n_layer": self.n_layer,
-                "n_head": self.n_head, "n_embd": self.n_embd}
+    def model_spec(self) -> ModelSpec:
+        # vocab_size 256 lives with the byte tokenizer of the built-in model, nowhere else.
+        builtin = {"vocab_size": ByteTokenizer.vocab_size, "block_size": self.block_size, "n_layer": self.n_layer,
+                   "n_head": self.n_head, "n_embd": self.n_embd}
+        if self.model:
+            builtin = {}
+        return ModelSpec(self.model, self.model_sha, self.lora_rank, self.block_size, builtin, self.seed)
 
     def validate(self) -> FPLDConfig:
         need = self.need
@@ -82,6 +103,12 @@ class FPLDConfig(JobConfig):
                      "n_layer", "n_head", "n_embd"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
         need(self.n_embd % self.n_head == 0, "--n-embd must be a multiple of --n-head")
+        need(self.method in ("fpld", "fedavg"), f"--method must be fpld or fedavg, got {self.method!r}")
+        need(self.payload in ("dense", "sparse"), f"--payload must be dense or sparse, got {self.payload!r}")
+        need(self.payload == "dense" or 1 <= self.bits <= 16, "a sparse payload needs --bits 1..16")
+        need(self.topk >= 1, f"--topk must be at least 1, got {self.topk}")
+        need(self.lora_rank >= 0, f"--lora-rank must be >= 0, got {self.lora_rank}")
+        need(not self.lora_rank or bool(self.model), "--lora-rank needs an HF model (--model)")
         need(self.lr > 0 and self.distill_lr > 0, "learning rates must be positive")
         try:
             parse_faults(self.faults)

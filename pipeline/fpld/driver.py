@@ -7,10 +7,11 @@ one (`--broker redis://...`): only where the workers come from differs.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ from pipeline.data import (
 from pipeline.files import write_atomic
 from pipeline.fpld.config import FPLDConfig
 from pipeline.fpld.steps import initial_student
-from pipeline.models.checkpoint import model_from_bytes, model_to_bytes
+from pipeline.models.lm import load_state_bytes, state_bytes, tokenizer_for, vocab_size
+from pipeline.models.spec import ModelError, local_source, make_spec
 from pipeline.models.train import perplexity
 from pipeline.report.progress import NullProgress
 from pipeline.report.team_metrics import NodeSpan, RoundTiming, team_metrics
@@ -74,10 +76,14 @@ def _spread(parts: list[np.ndarray], block: int, n: int) -> torch.Tensor:
 
 
 def prepare_data(cfg: FPLDConfig, domains: list[Domain]) -> PublicData:
-    """Split each domain into private train / public probe / held-out eval; nothing overlaps."""
+    """Split each domain into private train / public probe / held-out eval; nothing overlaps.
+
+    The split is on the text (bytes); the public parts are then tokenized with the job's model's
+    tokenizer. Shards stay text: each node tokenizes its own."""
+    tok = tokenizer_for(cfg.model_spec())
     splits = [split_domain(d.tokens) for d in domains]
-    probe = _spread([s[1] for s in splits], cfg.block_size, cfg.probe_seqs)
-    evals = _spread([s[2] for s in splits], cfg.block_size, cfg.eval_seqs)
+    probe = _spread([tok.encode_bytes(s[1]) for s in splits], cfg.block_size, cfg.probe_seqs)
+    evals = _spread([tok.encode_bytes(s[2]) for s in splits], cfg.block_size, cfg.eval_seqs)
     shards = assign_shards([s[0] for s in splits], cfg.nodes)
     return PublicData(probe, evals, shards, [d.name for d in domains])
 
@@ -100,7 +106,7 @@ def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, work
 def run_fpld(cfg: FPLDConfig, settings: FleetSettings, *, out_dir: Path | None = None,
              progress: NullProgress | None = None, job_id: str | None = None) -> dict:
     """Run a whole job on the configured fleet (or an embedded one) and return its report."""
-    cfg.validate()
+    cfg = resolve_model(cfg).validate()
     settings.validate()
     data = prepare_data(cfg, load_domains(cfg))  # bad input fails here, before anything starts
     progress = progress or NullProgress()
@@ -112,9 +118,22 @@ def run_fpld(cfg: FPLDConfig, settings: FleetSettings, *, out_dir: Path | None =
     return drive(cfg, settings, data, out_dir=out_dir, progress=progress, job_id=job_id)
 
 
+def resolve_model(cfg: FPLDConfig) -> FPLDConfig:
+    """The model as the job record keeps it: an alias resolved to its folder, and the weights'
+    hash, so every worker proves it loads the same model and any run can be reproduced."""
+    if not cfg.model:
+        return cfg
+    spec = make_spec(cfg.model, block_size=cfg.block_size, lora_rank=cfg.lora_rank, seed=cfg.seed)
+    if cfg.model_sha and spec.sha and cfg.model_sha != spec.sha:
+        raise ModelError(f"model {spec.source} has weights sha256 {spec.sha[:12]}…, the job asks for "
+                         f"{cfg.model_sha[:12]}…")
+    return replace(cfg, model=spec.source, model_sha=spec.sha)
+
+
 def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir: Path | None = None,
           progress: NullProgress | None = None, job_id: str | None = None) -> dict:
     """Submit the job to a running fleet and follow it round by round."""
+    cfg = resolve_model(cfg)
     progress = progress or NullProgress()
     app = client_app(settings)
     st = Store(connect_checked(settings.backend_url), ttl=settings.blob_ttl)
@@ -124,9 +143,11 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     job = JobRecord.create(st.r, job_id, "fpld", cfg.to_dict(), settings.public_dict(), ttl=settings.blob_ttl)
     st.put_blob(job_id, "probe", windows_to_bytes(data.probe))
     st.put_blob(job_id, "eval", windows_to_bytes(data.eval))
-    st.put_blob(job_id, "student/0", model_to_bytes(initial_student(cfg)))
+    st.put_blob(job_id, "student/0", state_bytes(initial_student(cfg)))
     job.set_status(JobStatus.RUNNING)
-    progress.message(f"job {job_id}: {cfg.nodes} nodes x {cfg.rounds} rounds at {cfg.bits} bits")
+    what = "FedAvg (weights)" if cfg.method == "fedavg" else f"{cfg.payload} {cfg.bits}-bit logits"
+    progress.message(f"job {job_id}: {cfg.nodes} nodes x {cfg.rounds} rounds, {what}, model "
+                     f"{cfg.model or 'built-in byte GPT'}")
     rounds, timings = [], []
     t_job = time.time()
     try:
@@ -146,9 +167,23 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     job.set(report=report)
     job.set_status(JobStatus.SUCCEEDED)
     if out_dir is not None:
-        write_atomic(out_dir / "student.safetensors", st.get_blob(job_id, f"student/{cfg.rounds}"))
+        write_student(cfg, st.get_blob(job_id, f"student/{cfg.rounds}"), out_dir)
         write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
     return report
+
+
+def write_student(cfg: FPLDConfig, state: bytes, out_dir: Path) -> None:
+    """The final student: an HF folder (LoRA merged) that AutoModelForCausalLM loads, for an HF
+    model; the built-in model's safetensors checkpoint otherwise."""
+    if cfg.model_spec().is_builtin:
+        write_atomic(out_dir / "student.safetensors", state)
+        return
+    final = out_dir / "student"
+    tmp = out_dir / ".student.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_state_bytes(cfg.model_spec(), state).save_folder(tmp, Path(local_source(cfg.model_spec())))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: NullProgress):
@@ -202,8 +237,8 @@ def build_report(cfg: FPLDConfig, settings: FleetSettings, job_id: str, data: Pu
     sent = {n: sum(int(r["node_metrics"][n].get("payload_bytes", 0) or 0) for r in rounds
                    if r["nodes"][n]["status"] == "merged") for n in cfg.node_ids}
     side = {n: sum(int(r["node_metrics"][n].get("teacher_kl_bytes", 0) or 0) for r in rounds) for n in cfg.node_ids}
-    f32 = cfg.probe_seqs * cfg.block_size * 256 * 4
-    base = model_from_bytes(st.get_blob(job_id, "student/0"))
+    f32 = cfg.probe_seqs * cfg.block_size * vocab_size(cfg.model_spec()) * 4
+    base = load_state_bytes(cfg.model_spec(), st.get_blob(job_id, "student/0"))
     return {
         "job": job_id,
         "kind": "fpld",

@@ -9,8 +9,9 @@ RNG state is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,32 @@ from pipeline.models.gpt import GPT
 
 Progress = Callable[[int, float], None]
 _EVAL_BATCH = 64
+
+
+def _eval_batch(model: torch.nn.Module, width: int) -> int:
+    # At a real vocabulary one batch's logits dominate memory: keep them near 256 MB of float32.
+    return max(1, min(_EVAL_BATCH, 2**26 // max(1, width * model.config.vocab_size)))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _precision(model: torch.nn.Module) -> Iterator[None]:
+    """bf16 autocast on CUDA (weights stay float32); plain float32 elsewhere."""
+    dev = _device(model)
+    if dev.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def _fork_rng(model: torch.nn.Module):
+    # Fork the RNG of the device the model is on too, so dropout on a GPU is seeded like on CPU.
+    dev = _device(model)
+    return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
 
 
 def _lr_at(step: int, steps: int, lr: float) -> float:
@@ -72,7 +99,7 @@ def _run(
     losses: list[float] = []
     was_training = model.training
     model.train()
-    with torch.random.fork_rng(devices=[]):
+    with _fork_rng(model):
         for step in range(ckpt.resume_step, steps):
             # Randomness depends on (seed, step) only, so a run resumed at any step draws the
             # same batches (and dropout masks) as an uninterrupted one.
@@ -80,7 +107,8 @@ def _run(
             torch.manual_seed((seed * 1_000_003 + step) % 2**63)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, lr)
-            loss = loss_fn(rng)
+            with _precision(model):
+                loss = loss_fn(rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -111,11 +139,11 @@ def train_lm(
     progress(step, loss) is called every log_every steps and after the last one; `checkpointing`
     makes the run resumable (see pipeline/models/train_state.py).
     """
-    block_size = model.config.block_size
+    block_size, dev = model.config.block_size, _device(model)
     windows(tokens, block_size)  # fail fast with CorpusError if tokens cannot fill one window
 
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:
-        batch = windows(tokens, block_size, n=batch_size, rng=rng)  # (B, T+1)
+        batch = windows(tokens, block_size, n=batch_size, rng=rng).to(dev)  # (B, T+1)
         _, loss = model(batch[:, :-1], batch[:, 1:])
         return loss
 
@@ -142,8 +170,10 @@ def train_sequences(
     if seqs.ndim != 2 or len(seqs) == 0 or seqs.shape[1] < 2:
         raise ValueError(f"need a non-empty (N, L+1) tensor of sequences, got shape {tuple(seqs.shape)}")
 
+    dev = _device(model)
+
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:
-        batch = seqs[torch.from_numpy(rng.integers(0, len(seqs), size=batch_size))]  # (B, L+1)
+        batch = seqs[torch.from_numpy(rng.integers(0, len(seqs), size=batch_size))].to(dev)  # (B, L+1)
         _, loss = model(batch[:, :-1], batch[:, 1:])
         return loss
 
@@ -153,12 +183,14 @@ def train_sequences(
 @torch.no_grad()
 def probe_logits(model: GPT, probe: torch.Tensor) -> np.ndarray:
     """Logits at every input position of probe[:, :-1], float32 of shape (n * block_size, vocab)."""
-    was_training = model.training
+    was_training, dev = model.training, _device(model)
     model.eval()
     out = []
-    for i in range(0, len(probe), _EVAL_BATCH):
-        logits, _ = model(probe[i : i + _EVAL_BATCH, :-1])  # (b, T, V)
-        out.append(logits.reshape(-1, logits.size(-1)).float().numpy())  # (b*T, V)
+    step = _eval_batch(model, probe.shape[1])
+    for i in range(0, len(probe), step):
+        with _precision(model):
+            logits, _ = model(probe[i : i + step, :-1].to(dev))  # (b, T, V)
+        out.append(logits.reshape(-1, logits.size(-1)).float().cpu().numpy())  # (b*T, V)
     model.train(was_training)
     if not out:
         return np.zeros((0, model.config.vocab_size), dtype=np.float32)
@@ -191,15 +223,16 @@ def distill(
         raise ValueError(f"teacher_logits has shape {teacher_logits.shape}, expected {(n * T, V)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    inputs = probe[:, :-1]  # (n, T); targets deliberately dropped
-    teacher = torch.from_numpy(np.asarray(teacher_logits, dtype=np.float32)).view(n, T, V)  # (n, T, V)
+    dev = _device(model)
+    inputs = probe[:, :-1].to(dev)  # (n, T); targets deliberately dropped
+    teacher = torch.from_numpy(np.asarray(teacher_logits, dtype=np.float32)).view(n, T, V).to(dev)  # (n, T, V)
     # Teacher log-probs are fixed, so compute them once rather than every step.
     teacher_logp = F.log_softmax(teacher / temperature, dim=-1)
 
     def loss_fn(rng: np.random.Generator) -> torch.Tensor:
-        idx = torch.from_numpy(rng.integers(0, n, size=batch_size))
+        idx = torch.from_numpy(rng.integers(0, n, size=batch_size)).to(dev)
         logits, _ = model(inputs[idx])  # (B, T, V)
-        student_logp = F.log_softmax(logits / temperature, dim=-1).view(-1, V)  # (B*T, V)
+        student_logp = F.log_softmax(logits.float() / temperature, dim=-1).view(-1, V)  # (B*T, V)
         kl = F.kl_div(student_logp, teacher_logp[idx].view(-1, V), log_target=True, reduction="batchmean")
         return kl * temperature**2
 
@@ -209,14 +242,16 @@ def distill(
 @torch.no_grad()
 def perplexity(model: GPT, eval_windows: torch.Tensor) -> float:
     """exp(mean next-token cross-entropy) over all positions of eval_windows (N, block_size+1)."""
-    was_training = model.training
+    was_training, dev = model.training, _device(model)
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(eval_windows), _EVAL_BATCH):
-        batch = eval_windows[i : i + _EVAL_BATCH]
-        logits, _ = model(batch[:, :-1])  # (b, T, V)
+    step = _eval_batch(model, eval_windows.shape[1])
+    for i in range(0, len(eval_windows), step):
+        batch = eval_windows[i : i + step].to(dev)
+        with _precision(model):
+            logits, _ = model(batch[:, :-1])  # (b, T, V)
         total += F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1), reduction="sum"
         ).item()  # (b*T, V) vs (b*T,)
         count += batch[:, 1:].numel()
     model.train(was_training)

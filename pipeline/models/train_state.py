@@ -9,6 +9,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline.files import write_atomic
-from pipeline.models.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from pipeline.models.checkpoint import _read_metadata_raw, model_from_bytes, model_to_bytes
-from pipeline.models.gpt import GPT
 
 FORMAT = "lmteam-train-state-v1"
 
@@ -27,21 +26,26 @@ FORMAT = "lmteam-train-state-v1"
 @dataclass
 class TrainState:
     step: int
-    model: GPT
+    model: torch.nn.Module
     optimizer: dict  # torch.optim state_dict
 
 
-def state_to_bytes(step: int, model: GPT, optimizer: torch.optim.Optimizer) -> bytes:
+def state_to_bytes(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   to_bytes: Callable[[torch.nn.Module], bytes] = model_to_bytes) -> bytes:
+    """`to_bytes` writes the model's own safetensors blob (pipeline/models/lm.py's state_bytes
+    for any model); its tensors and metadata ride inside this one file."""
     sd = optimizer.state_dict()
     tensors = {f"opt.{idx}.{key}": value.detach().cpu().contiguous()
                for idx, slots in sd["state"].items() for key, value in slots.items()}
-    tensors.update({f"model.{k}": v for k, v in st_load(model_to_bytes(model)).items()})
+    blob = to_bytes(model)
+    tensors.update({f"model.{k}": v for k, v in st_load(blob).items()})
     meta = {"format": FORMAT, "step": str(step), "param_groups": json.dumps(sd["param_groups"]),
-            "config": json.dumps(model.config.to_dict(), sort_keys=True)}
+            "model_meta": json.dumps(_read_metadata_raw(blob), sort_keys=True)}
     return st_save(tensors, metadata=meta)
 
 
-def state_from_bytes(data: bytes) -> TrainState:
+def state_from_bytes(data: bytes,
+                     from_bytes: Callable[[bytes], torch.nn.Module] = model_from_bytes) -> TrainState:
     meta = _read_metadata_raw(data)
     if meta.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} checkpoint")
@@ -54,18 +58,19 @@ def state_from_bytes(data: bytes) -> TrainState:
         else:
             idx, key = rest.split(".", 1)
             state.setdefault(int(idx), {})[key] = tensor
-    model_blob = st_save(weights, metadata={"format": CHECKPOINT_FORMAT, "config": meta["config"]})
+    model_blob = st_save(weights, metadata=json.loads(meta["model_meta"]))
     optimizer = {"state": state, "param_groups": json.loads(meta["param_groups"])}
-    return TrainState(int(meta["step"]), model_from_bytes(model_blob), optimizer)
+    return TrainState(int(meta["step"]), from_bytes(model_blob), optimizer)
 
 
-def save_state(path: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer) -> None:
+def save_state(path: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               to_bytes: Callable[[torch.nn.Module], bytes] = model_to_bytes) -> None:
     """Atomic write: a process killed mid-write leaves the previous checkpoint intact."""
-    write_atomic(path, state_to_bytes(step, model, optimizer))
+    write_atomic(path, state_to_bytes(step, model, optimizer, to_bytes))
 
 
-def load_state(path: Path) -> TrainState | None:
+def load_state(path: Path, from_bytes: Callable[[bytes], torch.nn.Module] = model_from_bytes) -> TrainState | None:
     try:
-        return state_from_bytes(path.read_bytes())
+        return state_from_bytes(path.read_bytes(), from_bytes)
     except FileNotFoundError:
         return None

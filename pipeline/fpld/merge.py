@@ -1,0 +1,58 @@
+"""The aggregator's merge of one round: decode each arriving payload strictly and fold it into a
+running mean at once, so memory does not grow with the number of nodes.
+
+- dense logits: the mean of the dequantized logits (the paper's teacher);
+- sparse logits: each node's distribution rebuilt (its top-k log-probs, the tail shaped by the
+  broadcast student's own probe logits, which both ends hold), then the mean of the log-probs:
+  a token missing from one node's top-k gets that node's tail estimate, never a zero logit;
+- FedAvg: the mean of the nodes' weights (or LoRA adapters).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from broker.wire.codec import decode_logits
+from broker.wire.sparse import decode_sparse_logits, rebuild_logprobs
+from broker.wire.weights import decode_weights
+from pipeline.aggregate import RunningMean, TensorMeans
+from pipeline.fpld.config import FPLDConfig
+
+
+class RoundMerge:
+    def __init__(self, cfg: FPLDConfig, *, job: str, rnd: int, vocab: int, secret: bytes, max_bytes: int,
+                 reference: np.ndarray | None = None) -> None:
+        if cfg.method == "fpld" and cfg.payload == "sparse" and reference is None:
+            raise ValueError("a sparse merge needs the reference (broadcast student's) probe logits")
+        self.cfg, self.job, self.rnd, self.secret, self.max_bytes = cfg, job, rnd, secret, max_bytes
+        self.shape = (cfg.probe_seqs * cfg.block_size, vocab)
+        self.reference = reference
+        self.teacher: RunningMean | TensorMeans = TensorMeans() if cfg.method == "fedavg" else RunningMean()
+        self.full = RunningMean()  # --measure-teacher-kl: the float32 side channel, same nodes
+
+    @property
+    def count(self) -> int:
+        return self.teacher.count
+
+    def fold(self, node: str, payload: bytes, diagnostic: bytes | None = None) -> int:
+        """Decode and add one node's payload; returns its size on the wire. Raises PayloadError."""
+        expect = {"expect_job": self.job, "expect_round": self.rnd, "expect_node": node}
+        if self.cfg.method == "fedavg":
+            _, tensors = decode_weights(payload, secret=self.secret, max_bytes=self.max_bytes, **expect)
+            self.teacher.add(tensors)
+            return len(payload)
+        if self.cfg.payload == "sparse":
+            sparse, meta = decode_sparse_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
+                                                expect_shape=self.shape, **expect)
+            self.teacher.add(rebuild_logprobs(sparse, self.reference))
+        else:
+            x, meta = decode_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
+                                    expect_shape=self.shape, **expect)
+            self.teacher.add(x)
+        if diagnostic is not None:
+            self.full.add(decode_logits(diagnostic, secret=self.secret, max_bytes=1 << 40)[0])
+        return meta.nbytes
+
+    def full_teacher(self) -> np.ndarray | None:
+        """The full-precision teacher of the same nodes, when every merged node sent one."""
+        return self.full.mean() if self.full.count and self.full.count == self.teacher.count else None
