@@ -70,6 +70,9 @@ def test_fpld_sparse_lora_on_hf_model(tmp_path, tiny_llama_dir, corpus):
         assert sent < m * V / 4  # well under a dense 8-bit payload
     assert report["rounds"][0]["merged"] == 2
     _loads_and_generates(f"{report['_out']}/student")
+    result = CliRunner().invoke(main, ["generate", report["_out"], "--prompt", "def main", "--max-new", "5",
+                                       "--temperature", "0"], catch_exceptions=False)
+    assert result.exit_code == 0 and result.output.startswith("def main"), result.output
 
 
 def test_fedavg_lora_on_hf_model(tmp_path, tiny_llama_dir, corpus):

@@ -7,57 +7,44 @@ a payload replayed into another round is refused.
 
 from __future__ import annotations
 
-import hmac
-
-import msgpack
 import numpy as np
 
-from broker.wire.codec import FORMAT_VERSION, PayloadError, _check_secret, _name_error, _sign, _unpack_map
+from broker.wire.envelope import (
+    FORMAT_VERSION,
+    PayloadError,
+    check_expected,
+    check_header_args,
+    check_secret,
+    open_envelope,
+    read_header,
+    seal,
+)
 
 KIND = "weights"
-_OUTER_KEYS = frozenset({"v", "body", "sig"})
-_BODY_KEYS = frozenset({"version", "kind", "job", "round", "node", "data"})
+_BODY_KEYS = frozenset({"version", "kind", "job", "round", "node", "shape", "data"})
 
 
 def encode_weights(data: bytes, *, secret: bytes, job: str, round: int, node: str) -> bytes:
-    """Sign a safetensors blob for (job, round, node)."""
-    secret = _check_secret(secret)
-    for field, v in (("job", job), ("node", node)):
-        if (err := _name_error(field, v)) is not None:
-            raise ValueError(err)
-    body = msgpack.packb({"version": FORMAT_VERSION, "kind": KIND, "job": job, "round": round, "node": node,
-                          "data": bytes(data)}, use_bin_type=True)
-    return msgpack.packb({"v": FORMAT_VERSION, "body": body, "sig": _sign(secret, body)}, use_bin_type=True)
+    """Sign a safetensors blob for (job, round, node); `shape` is [1, its length in bytes]."""
+    secret = check_secret(secret)
+    check_header_args(job, round, node)
+    return seal(secret, {"version": FORMAT_VERSION, "kind": KIND, "job": job, "round": round, "node": node,
+                         "shape": [1, len(data)], "data": bytes(data)})
 
 
 def decode_weights(wire: bytes, *, secret: bytes, max_bytes: int, expect_job: str | None = None,
                    expect_round: int | None = None, expect_node: str | None = None
                    ) -> tuple[bytes, dict[str, np.ndarray]]:
-    """Verify a weight payload; returns the safetensors blob and its tensors (float32 numpy).
+    """Verify a weight payload; returns the safetensors blob and its tensors (numpy).
 
     Every problem with `wire` raises PayloadError: size, signature, fields, a blob that is not
     safetensors, non-finite weights."""
-    secret = _check_secret(secret)
-    if not isinstance(wire, (bytes, bytearray, memoryview)):
-        raise PayloadError(f"wire must be bytes, got {type(wire).__name__}")
-    wire = bytes(wire)
-    if len(wire) > max_bytes:
-        raise PayloadError(f"payload is {len(wire)} bytes, over max_bytes={max_bytes}")
-    outer = _unpack_map(wire, "envelope", _OUTER_KEYS)
-    body_bytes, sig = outer["body"], outer["sig"]
-    if outer["v"] != FORMAT_VERSION or not isinstance(body_bytes, bytes) or not isinstance(sig, bytes):
-        raise PayloadError("malformed envelope")
-    if not hmac.compare_digest(_sign(secret, body_bytes), sig):
-        raise PayloadError("bad signature: wrong secret or tampered payload")
-    body = _unpack_map(body_bytes, "body", _BODY_KEYS)
-    if body["kind"] != KIND:
-        raise PayloadError(f"payload kind is {body['kind']!r}, expected {KIND!r}")
-    for name, want in (("job", expect_job), ("round", expect_round), ("node", expect_node)):
-        if want is not None and body[name] != want:
-            raise PayloadError(f"{name} {body[name]!r} does not match expected {want!r}")
+    body, _ = open_envelope(wire, check_secret(secret), max_bytes, _BODY_KEYS)
+    job, rnd, node, _, size = read_header(body, KIND)
+    check_expected(((1, size), job, rnd, node), None, expect_job, expect_round, expect_node)
     data = body["data"]
-    if not isinstance(data, bytes):
-        raise PayloadError("weights data must be bytes")
+    if not isinstance(data, bytes) or len(data) != size:
+        raise PayloadError(f"weights data must be {size} bytes")
     from safetensors.numpy import load
 
     try:

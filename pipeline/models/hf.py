@@ -133,3 +133,21 @@ def describe_folder(folder: str | Path) -> dict:
     """Architecture name from config.json without loading weights (for job records and errors)."""
     cfg = json.loads((Path(folder) / "config.json").read_text())
     return {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures")}
+
+
+def generate_text(folder: str | Path, prompt: str, *, max_new: int, temperature: float, top_k: int | None,
+                  seed: int, device: str = "cpu") -> str:
+    """Continue `prompt` with the HF model in `folder` (an FPLD student, a pulled model): the new text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = load_hf(folder, block_size=_context(folder), device=device)
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False) or [tok.eos_token_id or 0]], device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(ids, max_new, temperature=temperature, top_k=top_k, generator=gen)
+    return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+def _context(folder: str | Path) -> int:
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 1024)

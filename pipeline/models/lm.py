@@ -91,6 +91,8 @@ def load_state_bytes(spec: ModelSpec, data: bytes, device: str = "cpu") -> nn.Mo
     meta = _read_metadata_raw(data)
     if meta.get("format") != HF_STATE_FORMAT:
         raise ValueError(f"not an {HF_STATE_FORMAT} blob (metadata {sorted(meta)})")
+    if meta.get("lora_rank") != str(spec.lora_rank):
+        raise ValueError(f"state of LoRA rank {meta.get('lora_rank')} does not fit a model of LoRA rank {spec.lora_rank}")
     model = build_model(spec, device)
     model.load_trainable_state({k: v.to(device) for k, v in st_load(data).items()})
     return model

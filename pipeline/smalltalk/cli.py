@@ -160,8 +160,17 @@ def eval_(run, prefix, corpus, as_json) -> None:
 def generate(run, prompt, max_new, temperature, top_k, seed) -> None:
     """Sample text from a SmallTalk run: the routers pick one expert by the prompt's prefix, only it runs.
 
-    Runs locally from the run dir (no fleet needed).
+    Runs locally from the run dir (no fleet needed). RUN may also be an HF model folder, or an
+    FPLD run whose student is one (`lmteam fpld --model ...` writes RUN/student/): then that
+    model continues the prompt (--max-new counts its tokens).
     """
+    folder = run / "student" if (run / "student" / "config.json").is_file() else run
+    if (folder / "config.json").is_file():
+        from pipeline.models.hf import generate_text
+
+        click.echo(prompt + generate_text(folder, prompt, max_new=max_new, temperature=temperature,
+                                          top_k=top_k or None, seed=seed))
+        return
     from pipeline.smalltalk.local import generate as gen
 
     res = gen(run, prompt, max_new, temperature, top_k or None, seed)
