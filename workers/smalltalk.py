@@ -17,7 +17,7 @@ from broker import keys
 from broker.app import app
 from broker.jobs import JobRecord
 from pipeline.smalltalk.config import DENSE, SmallTalkConfig
-from workers.base import FleetTask, blob, secret, store
+from workers.base import FleetTask, blob, device_for, secret, store
 
 _SEQS: dict[str, torch.Tensor] = {}
 
@@ -111,30 +111,31 @@ def smalltalk_train_expert(self, job_id: str, rnd: int, name: str) -> dict:
     `rnd` is the job's em_rounds: stage 2 is recorded, and its assignment stored, as the round
     after the last EM round.
     """
-    from pipeline.models.checkpoint import model_to_bytes
+    from pipeline.models.lm import state_bytes
     from pipeline.models.train import Checkpointing
     from pipeline.models.train_state import state_from_bytes, state_to_bytes
-    from pipeline.smalltalk.steps import new_expert, train_expert
+    from pipeline.smalltalk.steps import expert_from_bytes, new_expert, train_expert
 
     run = self.begin(job_id, rnd, name, done=lambda st: st.has_blob(job_id, f"expert/{name}/model"),
                      done_status="done")
     if run is None:
         return {"round": rnd, "status": "done", "skipped": True}
     cfg = job_config(job_id)
+    device = device_for(cfg.device)
     raw = run.st.get_blob(job_id, f"expert/{name}/ckpt")
-    state = state_from_bytes(raw) if raw else None
-    model = state.model if state else new_expert(cfg)
+    state = state_from_bytes(raw, lambda data: expert_from_bytes(cfg, data, device)) if raw else None
+    model = state.model if state else new_expert(cfg, device)
     rows = np.arange(len(pool(job_id))) if name == DENSE else np.nonzero(assignment(job_id, rnd) == int(name))[0]
     run.record(resumed_from=state.step if state else 0, sequences=len(rows))
 
     def save(step: int, opt: torch.optim.Optimizer) -> None:
-        run.st.put_blob(job_id, f"expert/{name}/ckpt", state_to_bytes(step, model, opt))
+        run.st.put_blob(job_id, f"expert/{name}/ckpt", state_to_bytes(step, model, opt, state_bytes))
         run.record(checkpoint_step=step)
 
     ckpt = Checkpointing(every=cfg.checkpoint_every, save=save, resume_step=state.step if state else 0,
                          resume_optimizer=state.optimizer if state else None)
     losses = train_expert(cfg, name, model, pool(job_id)[torch.from_numpy(rows)], checkpointing=ckpt,
                           progress=run.progress)
-    run.st.put_blob_once(job_id, f"expert/{name}/model", model_to_bytes(model))
+    run.st.put_blob_once(job_id, f"expert/{name}/model", state_bytes(model))
     run.finish("done", train_loss=_mean_tail(losses))
     return {"round": rnd, "status": "done"}

@@ -72,6 +72,14 @@ def resolve_model(path_or_id: str | os.PathLike[str], cache_dir: Path | None = N
     raise ModelArgError(f"no model folder {path}; known names: {', '.join(sorted(KNOWN_MODELS))}")
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A transformers model folder (not, say, a SmallTalk run dir, which has its own config.json)."""
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def check_free(out_dir: Path) -> None:
     """Refuse an output folder that already holds something: a model is never written over files."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -8,21 +8,19 @@ optionally LoRA adapters. No torch here: the submitter and `lmteam status` read 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-ALIASES = {"smollm2": "smollm2-135m-instruct"}
+from pipeline.models.hf_folder import KNOWN_MODELS, default_cache_dir
+from pipeline.models.hf_folder import weights_hash as folder_weights_hash
+
+ALIASES, cache_dir = KNOWN_MODELS, default_cache_dir  # TEMP: bench/fpld_real.py still imports these
 
 
 class ModelError(ValueError):
     """A model cannot be found, loaded or matched; the message is one readable line."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LMTEAM_CACHE") or Path.home() / ".cache" / "lmteam" / "models")
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,8 @@ class ModelSpec:
 
 def resolve_source(name: str) -> str:
     """An alias becomes its cache folder; a folder becomes absolute; anything else is a hub id."""
-    if name in ALIASES:
-        folder = cache_dir() / ALIASES[name]
+    if name in KNOWN_MODELS:
+        folder = default_cache_dir() / KNOWN_MODELS[name]
         if not (folder / "config.json").is_file():
             raise ModelError(f"model {name!r} is not pulled yet: run `lmteam model pull {name}`")
         return str(folder)
@@ -62,17 +60,9 @@ def resolve_source(name: str) -> str:
 
 @cache
 def weights_hash(folder: str) -> str:
-    """sha256 over the folder's *.safetensors files in name order (streamed, cached per process)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        return ""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
+    """The folder's weights' sha256 (hf_folder.weights_hash, as `lmteam model info` prints it),
+    computed once per process: workers ask for it on every task."""
+    return folder_weights_hash(folder)
 
 
 def make_spec(model: str, *, block_size: int, lora_rank: int = 0, builtin: dict | None = None,

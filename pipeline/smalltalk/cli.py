@@ -36,7 +36,7 @@ def smalltalk() -> None:
 
 @smalltalk.command()
 @click.option("--experts", "-e", default=4, show_default=True, help="Experts E (and routers).")
-@click.option("--prefix", "-m", default=32, show_default=True, help="Routing prefix M in bytes (<= --block-size).")
+@click.option("--prefix", "-m", default=32, show_default=True, help="Routing prefix M in tokens (bytes for the built-in model; <= --block-size).")
 @click.option("--corpus", "-c", multiple=True, type=click.Path(path_type=Path),
               help="Text file (or directory of .txt), one domain each; repeat. Default: built-in stdlib corpus.")
 @click.option("--domain-bytes", default=0, show_default=True, help="Use at most this many bytes per domain (0: all).")
@@ -50,12 +50,18 @@ def smalltalk() -> None:
               help="Also train the FLOPs-matched dense baseline (one expert's size).")
 @click.option("--dense-match", type=click.Choice(["steps", "batch"]), default="steps", show_default=True,
               help="Dense gets E x the steps, or E x the batch (the paper's Table 2).")
-@click.option("--block-size", default=128, show_default=True, help="Sequence length in bytes.")
+@click.option("--block-size", default=128, show_default=True, help="Sequence length in tokens (bytes for the built-in model).")
 @click.option("--n-layer", default=2, show_default=True)
 @click.option("--n-embd", default=64, show_default=True)
 @click.option("--n-head", default=4, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--eval-seqs", default=256, show_default=True, help="Held-out sequences (equal share per domain).")
+@click.option("--model", default="", metavar="DIR|ALIAS|HUB_ID",
+              help="Experts (and the dense model) fine-tune this HF causal LM, e.g. a folder from `lmteam model "
+                   "init` or `smollm2`; routers stay small built-in models over its tokenizer. "
+                   "Default: built-in byte-level experts sized by --n-layer/--n-embd.")
+@click.option("--lora-rank", default=0, show_default=True, help="Experts train LoRA adapters of this rank (HF models).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run dir [default: runs/<job-id>].")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), default=None,
@@ -68,8 +74,8 @@ def smalltalk() -> None:
 @secret_option
 @one_line_errors
 def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_steps, router_embd, expert_steps,
-          checkpoint_every, dense, dense_match, block_size, n_layer, n_embd, n_head, batch_size, eval_seqs, seed, out,
-          resume, threads, workers, quiet, broker, secret) -> None:
+          checkpoint_every, dense, dense_match, block_size, n_layer, n_embd, n_head, batch_size, eval_seqs, model,
+          lora_rank, device, seed, out, resume, threads, workers, quiet, broker, secret) -> None:
     """Train routers (EM), experts (independent tasks) and the dense baseline; print the report.
 
     Runs on the embedded default (a private Redis and local workers) or, with --broker, on a fleet
@@ -98,7 +104,13 @@ def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_
                               router_embd=router_embd, router_head=2 if router_embd % 2 == 0 else 1,
                               expert_steps=expert_steps, checkpoint_every=checkpoint_every, dense=dense,
                               dense_match=dense_match, block_size=block_size, n_layer=n_layer, n_embd=n_embd,
-                              n_head=n_head, batch_size=batch_size, eval_seqs=eval_seqs, seed=seed).validate()
+                              n_head=n_head, batch_size=batch_size, eval_seqs=eval_seqs, model=model,
+                              lora_rank=lora_rank, device=device, seed=seed).validate()
+        from pipeline.models.lm import resolve_device
+        from pipeline.smalltalk.driver import resolve_model
+
+        resolve_device(device)
+        cfg = resolve_model(cfg)
     settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
     job_id = new_job_id(KIND)
     out = out or Path("runs") / job_id
@@ -151,8 +163,8 @@ def eval_(run, prefix, corpus, as_json) -> None:
 
 @click.command()
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", required=True, help="Text to continue; its first M bytes pick the expert.")
-@click.option("--max-new", default=200, show_default=True, help="Bytes to generate.")
+@click.option("--prompt", "-p", required=True, help="Text to continue; its first M tokens pick the expert.")
+@click.option("--max-new", default=200, show_default=True, help="Tokens to generate (bytes for built-in models).")
 @click.option("--temperature", default=0.8, show_default=True, help="0 means greedy.")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -164,8 +176,10 @@ def generate(run, prompt, max_new, temperature, top_k, seed) -> None:
     FPLD run whose student is one (`lmteam fpld --model ...` writes RUN/student/): then that
     model continues the prompt (--max-new counts its tokens).
     """
-    folder = run / "student" if (run / "student" / "config.json").is_file() else run
-    if (folder / "config.json").is_file():
+    from pipeline.models.hf_folder import is_hf_folder
+
+    folder = run / "student" if is_hf_folder(run / "student") else run
+    if is_hf_folder(folder):
         from pipeline.models.hf import generate_text
 
         click.echo(prompt + generate_text(folder, prompt, max_new=max_new, temperature=temperature,
@@ -175,7 +189,7 @@ def generate(run, prompt, max_new, temperature, top_k, seed) -> None:
 
     res = gen(run, prompt, max_new, temperature, top_k or None, seed)
     losses = ", ".join(f"{x:.3f}" for x in res["router_losses"])
-    click.echo(f"[expert {res['expert']}; router losses on the first {res['prefix_bytes']} bytes: {losses}]", err=True)
+    click.echo(f"[expert {res['expert']}; router losses on the first {res['prefix_bytes']} tokens: {losses}]", err=True)
     click.echo(prompt + res["text"])
 
 

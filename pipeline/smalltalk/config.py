@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.job_config import ConfigError, JobConfig
+from pipeline.models.spec import ModelSpec
 
 KIND = "smalltalk"
 DENSE = "dense"  # the FLOPs-matched dense baseline trains as one more "expert" task under this name
@@ -56,7 +57,16 @@ class SmallTalkConfig(JobConfig):
     expert batch size; 'batch' = expert_steps at experts x batch_size (the paper's Table 2)"""
     batch_size: int = 16
     lr: float = 3e-3
-    # model of each expert (pipeline.models.gpt.GPTConfig, byte-level)
+    # model of each expert: "" is the built-in byte-level GPT (pipeline.models.gpt.GPTConfig, sized
+    # below); else an HF causal LM (folder, alias or hub id) that every expert fine-tunes from
+    model: str = ""
+    model_sha: str = ""
+    """sha256 of the model folder's weights, filled in at submit: the model's identity"""
+    lora_rank: int = 0
+    """> 0: experts train LoRA adapters of this rank only (HF models)"""
+    device: str = "auto"
+    vocab_size: int = 256
+    """the tokenizer's vocabulary (256: bytes); set from --model at submit; routers use it too"""
     block_size: int = 128
     n_layer: int = 2
     n_head: int = 4
@@ -85,12 +95,17 @@ class SmallTalkConfig(JobConfig):
         return [str(e) for e in range(self.experts)]
 
     def expert_model(self) -> dict[str, int]:
-        return {"vocab_size": 256, "block_size": self.block_size, "n_layer": self.n_layer,
+        return {"vocab_size": self.vocab_size, "block_size": self.block_size, "n_layer": self.n_layer,
                 "n_head": self.n_head, "n_embd": self.n_embd}
 
+    def expert_spec(self) -> ModelSpec:
+        builtin = {} if self.model else self.expert_model()
+        return ModelSpec(self.model, self.model_sha, self.lora_rank, self.block_size, builtin, self.seed)
+
     def router_model(self) -> dict[str, int]:
-        # A router only ever sees the prefix: M - 1 inputs predict tokens 2..M.
-        return {"vocab_size": 256, "block_size": self.prefix, "n_layer": self.router_layer,
+        # A router only ever sees the prefix: M - 1 inputs predict tokens 2..M. Routers are always
+        # small built-in models, over the experts' tokenizer so both read the same token ids.
+        return {"vocab_size": self.vocab_size, "block_size": self.prefix, "n_layer": self.router_layer,
                 "n_head": self.router_head, "n_embd": self.router_embd}
 
     def validate(self) -> SmallTalkConfig:
@@ -110,5 +125,9 @@ class SmallTalkConfig(JobConfig):
         need(self.dense_match in ("steps", "batch"), f"--dense-match must be 'steps' or 'batch', got {self.dense_match!r}")
         need(self.domain_bytes >= 0, f"--domain-bytes must be >= 0, got {self.domain_bytes}")
         need(self.stall_timeout >= 0, f"stall_timeout must be >= 0, got {self.stall_timeout}")
+        need(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
+        need(self.lora_rank >= 0, f"--lora-rank must be >= 0, got {self.lora_rank}")
+        need(not self.lora_rank or bool(self.model), "--lora-rank needs an HF model (--model)")
+        need(bool(self.model) or self.vocab_size == 256, "the built-in expert model reads bytes: vocab_size 256")
         return self
 

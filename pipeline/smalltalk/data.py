@@ -28,6 +28,7 @@ from safetensors.torch import save as st_save
 
 from pipeline.data import CorpusError, Domain, default_corpus, load_corpus, split_domain, windows
 from pipeline.files import write_atomic
+from pipeline.models.lm import tokenizer_for
 from pipeline.smalltalk.config import SmallTalkConfig
 
 EVAL_FRAC = 0.05
@@ -44,8 +45,8 @@ class SmallTalkData:
 
     def fingerprint(self) -> str:
         """Identifies the data a run was trained on, so `--resume` refuses different text."""
-        h = hashlib.sha256(self.train.to(torch.uint8).numpy().tobytes())
-        h.update(self.eval.to(torch.uint8).numpy().tobytes())
+        h = hashlib.sha256(self.train.to(torch.int32).numpy().tobytes())
+        h.update(self.eval.to(torch.int32).numpy().tobytes())
         return h.hexdigest()[:16]
 
     def round_set(self, rnd: int) -> np.ndarray:
@@ -61,14 +62,18 @@ def load_domains(cfg: SmallTalkConfig) -> list[Domain]:
 
 
 def prepare_data(cfg: SmallTalkConfig, domains: list[Domain]) -> SmallTalkData:
-    """Deterministic in (cfg.seed, the text): a resumed or evaluated run rebuilds the same sets."""
+    """Deterministic in (cfg.seed, the text): a resumed or evaluated run rebuilds the same sets.
+
+    Each domain is split on its text, then tokenized with the experts' tokenizer (bytes for the
+    built-in model)."""
     width = cfg.block_size + 1
+    tok = tokenizer_for(cfg.expert_spec())
     train_parts, eval_parts = [], []
     for d in domains:
-        tr, _, ev = split_domain(d.tokens, probe_frac=0.0, eval_frac=EVAL_FRAC)
+        tr, _, ev = (tok.encode_bytes(p) for p in split_domain(d.tokens, probe_frac=0.0, eval_frac=EVAL_FRAC))
         if len(tr) < width or len(ev) < width:
             raise CorpusError(f"domain {d.name!r} has {len(d.tokens)} bytes: too small for sequences of "
-                              f"{width} bytes plus a held-out share (need about {int(2 * width / EVAL_FRAC)})")
+                              f"{width} tokens plus a held-out share (need about {int(2 * width / EVAL_FRAC)})")
         train_parts.append(windows(tr, cfg.block_size))
         eval_parts.append(windows(ev, cfg.block_size))
     rng = np.random.default_rng(cfg.seed)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ from broker.waiting import seconds_left, wait_for
 from broker.wire.codec import PayloadError
 from pipeline.data import windows_to_bytes
 from pipeline.models.checkpoint import load_model
+from pipeline.models.lm import vocab_size
+from pipeline.models.spec import make_spec
 from pipeline.smalltalk.config import DENSE, KIND, SmallTalkConfig
 from pipeline.smalltalk.data import (
     RunDir,
@@ -44,7 +47,7 @@ from pipeline.smalltalk.data import (
     prepare_data,
 )
 from pipeline.smalltalk.eval import cluster_stats, evaluate_mixture, flops
-from pipeline.smalltalk.steps import assign, decode_scores, initial_assignment
+from pipeline.smalltalk.steps import assign, decode_scores, expert_from_bytes, initial_assignment
 
 Say = Callable[[str], None]
 Watch = Callable[[str, dict[str, dict]], None]  # (phase title, task name -> state) on every poll
@@ -72,7 +75,7 @@ def embedded_fleet(settings: FleetSettings, threads: int = 1, workdir: Path | No
 def run_smalltalk(cfg: SmallTalkConfig, settings: FleetSettings, out_dir: Path, *, say: Say = _quiet,
                   watch: Watch = _quiet, threads: int = 1, job_id: str | None = None, expert_workers: int = 1) -> dict:
     """Whole job on the configured fleet, or on an embedded one when settings name no broker."""
-    cfg.validate()
+    cfg = resolve_model(cfg.validate())
     settings.validate()
     data = prepare_data(cfg, load_domains(cfg))  # bad input fails here, before anything starts
     if settings.broker_url is None:
@@ -278,9 +281,21 @@ def _wait(c: _Ctx, rnd: int, names: list[str], title: str,
 def load_models(run: RunDir, cfg: SmallTalkConfig):
     """(routers, experts, dense or None) of a finished run, from its run dir."""
     routers = [load_model(run.router_file(e)) for e in range(cfg.experts)]
-    experts = [load_model(run.expert_file(e)) for e in range(cfg.experts)]
-    dense = load_model(run.expert_file(DENSE)) if cfg.dense and run.expert_file(DENSE).exists() else None
+    experts = [expert_from_bytes(cfg, run.expert_file(e).read_bytes()) for e in range(cfg.experts)]
+    dense = (expert_from_bytes(cfg, run.expert_file(DENSE).read_bytes())
+             if cfg.dense and run.expert_file(DENSE).exists() else None)
     return routers, experts, dense
+
+
+def resolve_model(cfg: SmallTalkConfig) -> SmallTalkConfig:
+    """The experts' model as the job record keeps it (folder, weights' hash) and its vocabulary."""
+    if not cfg.model:
+        return cfg
+    spec = make_spec(cfg.model, block_size=cfg.block_size, lora_rank=cfg.lora_rank, seed=cfg.seed)
+    if cfg.model_sha and spec.sha and cfg.model_sha != spec.sha:
+        raise SmallTalkFailed(f"model {spec.source} has other weights than the run was trained with")
+    cfg = replace(cfg, model=spec.source, model_sha=spec.sha)
+    return replace(cfg, vocab_size=vocab_size(cfg.expert_spec())).validate()
 
 
 def build_report(c: _Ctx, em: list[dict], tasks: dict[str, dict], wall_s: float, previous: str | None) -> dict:

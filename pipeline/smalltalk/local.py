@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import CorpusError, decode, encode, load_corpus, windows
+from pipeline.data import CorpusError, load_corpus, windows
+from pipeline.models.lm import tokenizer_for
 from pipeline.smalltalk.config import SmallTalkConfig
 from pipeline.smalltalk.data import RunDir, load_domains, prepare_data
 from pipeline.smalltalk.driver import load_models
@@ -42,7 +43,9 @@ def evaluate_run(path: Path, prefix: int | None = None, corpus: list[str] | None
     routers, experts, dense = load_models(run, cfg)
     if corpus:
         domains = load_corpus(corpus)
-        seqs = [windows(d.tokens, cfg.block_size)[: max(1, cfg.eval_seqs // len(domains))] for d in domains]
+        tok = tokenizer_for(cfg.expert_spec())
+        seqs = [windows(tok.encode_bytes(d.tokens), cfg.block_size)[: max(1, cfg.eval_seqs // len(domains))]
+                for d in domains]
         names = [d.name for d in domains]
         labels = np.concatenate([np.full(len(s), i) for i, s in enumerate(seqs)])
         evals = torch.cat(seqs)
@@ -62,11 +65,12 @@ def evaluate_run(path: Path, prefix: int | None = None, corpus: list[str] | None
 
 def generate(path: Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = 40, seed: int = 0) -> dict:
-    """Route the prompt by its prefix (first M bytes, or all of it if shorter) and sample from that expert only."""
+    """Route the prompt by its prefix (first M tokens, or all of it if shorter) and sample from that expert only."""
     run, _, cfg = open_run(path)
-    tokens = encode(prompt)
+    tok = tokenizer_for(cfg.expert_spec())
+    tokens = tok.encode(prompt)
     if len(tokens) < 2:
-        raise CorpusError("--prompt needs at least 2 bytes of text: the routers score a prefix")
+        raise CorpusError("--prompt needs at least 2 tokens of text: the routers score a prefix")
     routers, experts, _ = load_models(run, cfg)
     m = min(cfg.prefix, len(tokens))
     losses = prefix_losses(routers, torch.from_numpy(tokens[None, :m].astype(np.int64)), m)[0]  # (E,)
@@ -75,4 +79,4 @@ def generate(path: Path, prompt: str, max_new_tokens: int = 200, temperature: fl
     idx = torch.from_numpy(tokens[None, :].astype(np.int64))
     out = experts[e].generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
     return {"expert": e, "router_losses": [float(x) for x in losses], "prefix_bytes": m,
-            "text": decode(out[0, len(tokens):].numpy())}
+            "text": tok.decode(out[0, len(tokens):].numpy())}

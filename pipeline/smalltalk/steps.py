@@ -8,12 +8,14 @@ job id, so a resumed run (a new job) trains exactly what the first one would hav
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from broker.wire.codec import decode_logits, encode_logits
 from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.lm import build_model, load_state_bytes
 from pipeline.models.train import Checkpointing, train_sequences
 from pipeline.seeds import derive_seed
 from pipeline.smalltalk.balanced_assignment import balanced_assignment, random_balanced
@@ -22,7 +24,8 @@ from pipeline.smalltalk.routing import prefix_losses
 
 Progress = Callable[[int, float], None]
 # Losses are mean nats per token, clipped to [-SCORE_CLIP, SCORE_CLIP] on the wire: an untrained
-# byte model scores ln(256) = 5.5, so 16 leaves room and 16 bits give a step of 0.0005 nats.
+# byte model scores ln(256) = 5.5 (a 49k-token one ln(49152) = 10.8), so 16 leaves room and 16 bits
+# give a step of 0.0005 nats.
 SCORE_CLIP = 16.0
 
 
@@ -32,10 +35,15 @@ def new_router(cfg: SmallTalkConfig, e: int) -> GPT:
     return GPT(GPTConfig.from_dict(cfg.router_model()))
 
 
-def new_expert(cfg: SmallTalkConfig) -> GPT:
-    """Every expert and the dense model start from the same weights: only their data differs."""
-    torch.manual_seed(derive_seed(cfg.seed, "expert-init"))
-    return GPT(GPTConfig.from_dict(cfg.expert_model()))
+def new_expert(cfg: SmallTalkConfig, device: str = "cpu") -> torch.nn.Module:
+    """Every expert and the dense model start from the same weights (a seeded built-in model, or
+    the HF model with the same seeded LoRA adapters): only their data differs."""
+    return build_model(replace(cfg.expert_spec(), seed=derive_seed(cfg.seed, "expert-init")), device)
+
+
+def expert_from_bytes(cfg: SmallTalkConfig, data: bytes, device: str = "cpu") -> torch.nn.Module:
+    """An expert (or the dense model) from the bytes `state_bytes` wrote of it."""
+    return load_state_bytes(cfg.expert_spec(), data, device)
 
 
 def train_router(cfg: SmallTalkConfig, router: GPT, seqs: torch.Tensor, rnd: int, e: int,
@@ -86,7 +94,7 @@ def expert_steps(cfg: SmallTalkConfig, name: str) -> int:
     return cfg.dense_steps if name == DENSE else cfg.expert_steps
 
 
-def train_expert(cfg: SmallTalkConfig, name: str, model: GPT, seqs: torch.Tensor,
+def train_expert(cfg: SmallTalkConfig, name: str, model: torch.nn.Module, seqs: torch.Tensor,
                  checkpointing: Checkpointing | None = None, progress: Progress | None = None) -> list[float]:
     """Plain LM training of expert `name` (or the dense model) on its sequences; resumable."""
     return train_sequences(model, seqs, steps=expert_steps(cfg, name), batch_size=expert_batch(cfg, name),
