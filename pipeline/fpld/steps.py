@@ -39,6 +39,12 @@ def encode_probe_logits(cfg: FPLDConfig, logits: np.ndarray, *, secret: bytes, j
     if cfg.payload == "sparse":
         return encode_sparse_logits(logits, secret=secret, job=job, round=rnd, node=node, k=cfg.topk,
                                     bits=cfg.bits, dither_seed=dither)
+    if cfg.bits != 32:
+        # Logits are defined up to a shift per position: put each row's top logit at +clip, so the
+        # grid spans the 2*clip nats below it (a token further down has under e^-2L of the top
+        # token's probability). Clipping raw logits to [-L, L] would cut a large model's top
+        # logits: SmolLM2's 8-bit teacher was 0.97 nats from float32 that way.
+        logits = logits - logits.max(axis=1, keepdims=True) + cfg.clip
     return encode_logits(logits, secret=secret, job=job, round=rnd, node=node, bits=cfg.bits, clip=cfg.clip,
                          dither_seed=dither, compress=cfg.compress)
 
