@@ -87,3 +87,8 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_block_size_beyond_the_models_context_is_refused_at_submit(tiny_llama_dir):
+    with pytest.raises(ModelError, match="exceeds tiny-llama's context of 64 tokens"):
+        make_spec(str(tiny_llama_dir), block_size=65)

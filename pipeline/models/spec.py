@@ -8,6 +8,7 @@ optionally LoRA adapters. No torch here: the submitter and `lmteam status` read 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -73,7 +74,13 @@ def make_spec(model: str, *, block_size: int, lora_rank: int = 0, builtin: dict 
             raise ModelError("--lora-rank needs an HF model (--model); the built-in model trains fully")
         return ModelSpec("", "", 0, block_size, dict(builtin or {}, block_size=block_size), seed)
     source = resolve_source(model)
-    sha = weights_hash(source) if Path(source).is_dir() else ""
+    sha = ""
+    if Path(source).is_dir():
+        sha = weights_hash(source)
+        cfg = json.loads((Path(source) / "config.json").read_text())
+        context = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        if context and block_size > context:
+            raise ModelError(f"--block-size {block_size} exceeds {Path(source).name}'s context of {context} tokens")
     return ModelSpec(source, sha, lora_rank, block_size, {}, seed)
 
 
