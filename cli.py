@@ -49,18 +49,23 @@ def main() -> None:
               help="A local HF model folder this worker may serve (repeat for several): a job naming a model "
                    "with the same weights' hash uses this copy, wherever the submitter keeps its own.")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps: overrides the job's --device here.")
+@click.option("--serve", "serve", default=None, metavar="RUN",
+              help="Role expert: serve an expert of this finished SmallTalk run (a run dir, or a job id in the "
+                   "fleet's store) on queue expert.<I>, instead of training on queue experts.")
+@click.option("--expert", "expert", type=int, default=None, help="With --serve: which expert I (replicas share I).")
 @click.option("--loglevel", default="info", show_default=True)
 @broker_option
 @secret_option
 @one_line_errors
-def worker(role, node_id, data, threads, state_dir, concurrency, name, models, device, loglevel, broker,
-           secret) -> None:
+def worker(role, node_id, data, threads, state_dir, concurrency, name, models, device, serve, expert, loglevel,
+           broker, secret) -> None:
     """Start a worker (a thin wrapper over `celery worker`).
 
     \b
     lmteam worker --role node --node-id 3 --data shard3.txt
     lmteam worker --role aggregator
     lmteam worker --role expert --name expert1   # a second expert worker on the same host
+    lmteam worker --role expert --serve runs/JOB --expert 2 --name e2r1   # a replica of expert 2
     """
     from broker import keys
     from pipeline.data import load_corpus
@@ -71,8 +76,17 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, models, d
     settings.validate()
     from broker.auth import check_fleet_secret, connect_checked
 
-    check_fleet_secret(connect_checked(settings.backend_url), settings.secret)
-    if role == "node":
+    client = connect_checked(settings.backend_url)
+    check_fleet_secret(client, settings.secret)
+    if (serve is None) != (expert is None) or (serve is not None and role != "expert"):
+        raise click.UsageError("--serve RUN and --expert I go together, with --role expert")
+    if serve is not None:
+        from pipeline.smalltalk.serve_driver import open_served
+
+        open_served(serve, client).check_expert(expert)  # a wrong run or index fails here, in one line
+        serve = str(Path(serve).resolve()) if Path(serve).exists() else serve
+        queue, default_name = keys.expert_queue(expert), f"expert{expert}"
+    elif role == "node":
         if node_id is None or not data:
             raise click.UsageError("--role node needs --node-id and --data")
         load_corpus([str(p) for p in data])  # refuse to start on a missing/empty/binary file
@@ -88,6 +102,8 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, models, d
                        "LMTEAM_NODE_DATA": os.pathsep.join(str(Path(p).resolve()) for p in data)})
     if node_id is not None:
         os.environ["LMTEAM_NODE_ID"] = str(node_id)
+    if serve is not None:
+        os.environ.update({"LMTEAM_SERVE_RUN": serve, "LMTEAM_SERVE_EXPERT": str(expert)})
     if models:
         from pipeline.models.spec import resolve_source
 
@@ -98,7 +114,7 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, models, d
         os.environ["LMTEAM_DEVICE"] = resolve_device(device)
     from broker.app import app, configure
 
-    configure(app, settings, queues=(queue,) if role == "node" else ())
+    configure(app, settings, queues=(queue,) if role == "node" or serve is not None else ())
     app.worker_main(["worker", "-Q", queue, "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h",
                      "-l", loglevel, "-E", "--without-gossip", "--without-mingle"])
 

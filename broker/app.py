@@ -25,19 +25,23 @@ from broker import keys
 from broker.settings import FleetSettings
 
 # The task modules, named as strings: nothing imports workers/ but Celery itself.
-TASK_MODULES = ["workers.fpld", "workers.rag", "workers.smalltalk"]
+TASK_MODULES = ["workers.fpld", "workers.rag", "workers.smalltalk", "workers.serve"]
 
 
 def declared_queues(extra: tuple[str, ...] = ()) -> tuple[Queue, ...]:
-    """The role queues, plus the node queues a process consumes (`lmteam worker --role node`)."""
+    """The role queues, plus the node or expert queues a process consumes (`lmteam worker --role node`,
+    `--role expert --serve RUN --expert I`)."""
     return tuple(Queue(name) for name in (keys.AGGREGATOR_QUEUE, keys.EXPERT_QUEUE, *extra))
 
 
 def route(name: str, args: tuple, kwargs: dict, options: dict, task: object = None, **_: object) -> dict | None:
-    """Node tasks go to the queue of the node in their third argument; the rest by name."""
+    """Node tasks go to the queue of the node in their third argument, serving tasks to the queue of
+    the expert in their first; the rest by name."""
     if name in keys.NODE_TASKS:
         # A node queue is made from its id, not looked up: nodes are as many as a job asks for.
         return {"queue": Queue(keys.node_queue(args[2]))}
+    if name in keys.EXPERT_TASKS:  # served experts, like nodes, are as many as the run has
+        return {"queue": Queue(keys.expert_queue(args[0]))}
     if name in keys.STATIC_ROUTES:
         return {"queue": keys.STATIC_ROUTES[name]}
     return None  # unrouted: send_task fails on the undeclared default queue
@@ -78,7 +82,8 @@ def celery_config(settings: FleetSettings, queues: tuple[str, ...] = ()) -> dict
 
 
 def configure(app: Celery, settings: FleetSettings, queues: tuple[str, ...] = ()) -> Celery:
-    """Point the app at a broker (used after an embedded Redis has started); `queues` adds node queues."""
+    """Point the app at a broker (used after an embedded Redis has started); `queues` adds node or
+    expert queues."""
     app.conf.update(celery_config(settings, queues))
     app.conf.lmteam_settings = settings
     return app

@@ -133,6 +133,8 @@ class WorkerSpec:
     threads: int = 1
     state_dir: str | None = None  # where the worker keeps node-local state (indexes); kept across runs
     worker_name: str | None = None  # to run several workers of one role, e.g. expert0, expert1
+    serve: str | None = None  # a replica serving expert `expert` of this SmallTalk run (queue expert.<I>)
+    expert: int | None = None
 
     @property
     def name(self) -> str:
@@ -149,6 +151,8 @@ def worker_argv(spec: WorkerSpec) -> list[str]:
         argv += ["--state-dir", spec.state_dir]
     if spec.worker_name:
         argv += ["--name", spec.worker_name]
+    if spec.serve is not None:
+        argv += ["--serve", spec.serve, "--expert", str(spec.expert)]
     return argv
 
 

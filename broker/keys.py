@@ -20,6 +20,14 @@ def node_queue(node_id: int | str) -> str:
     return f"{NODE_QUEUE_PREFIX}{node_id}"
 
 
+SERVE_QUEUE_PREFIX = "expert."  # not EXPERT_QUEUE ("experts", training): one serving queue per expert
+
+
+def expert_queue(expert: int | str) -> str:
+    """The queue of a served expert: every replica of expert I consumes `expert.<I>`."""
+    return f"{SERVE_QUEUE_PREFIX}{expert}"
+
+
 # --- task names -------------------------------------------------------------------------------
 FPLD_NODE_TASK = "lmteam.fpld.node_round"
 FPLD_AGGREGATE_TASK = "lmteam.fpld.aggregate_round"
@@ -29,9 +37,12 @@ RAG_AGGREGATE_TASK = "lmteam.rag.aggregate"
 SMALLTALK_ROUTER_TASK = "lmteam.smalltalk.train_router"
 SMALLTALK_SCORE_TASK = "lmteam.smalltalk.score"
 SMALLTALK_EXPERT_TASK = "lmteam.smalltalk.train_expert"
+SERVE_TASK = "lmteam.serve.generate"  # first argument: the expert, whose queue it goes to
 
 # Tasks whose third argument is the node id: they go to that node's queue.
 NODE_TASKS = frozenset({FPLD_NODE_TASK, RAG_INDEX_TASK, RAG_SCORE_TASK})
+# Tasks whose first argument is a served expert: they go to that expert's queue.
+EXPERT_TASKS = frozenset({SERVE_TASK})
 STATIC_ROUTES = {
     FPLD_AGGREGATE_TASK: AGGREGATOR_QUEUE,
     RAG_AGGREGATE_TASK: AGGREGATOR_QUEUE,
@@ -113,3 +124,42 @@ def done(job_id: str, rnd: int) -> str:
 def round_counter(job_id: str) -> str:
     """Next round number of a job whose rounds are numbered as they come (FC-RAG queries)."""
     return f"{PREFIX}:rounds:{job_id}"
+
+
+# --- serving a mixture (broker/serving.py) ------------------------------------------------------
+SERVE_PREFIX = f"{PREFIX}:serve"
+
+
+def serve_request(rid: str) -> str:
+    """A request's body (msgpack: run, prompt ids, sampling), written once by the submitter."""
+    return f"{SERVE_PREFIX}:req:{rid}"
+
+
+def serve_pending(expert: int | str) -> str:
+    """List of request ids waiting for a replica of `expert`; replicas pop batches from it."""
+    return f"{SERVE_PREFIX}:pending:{expert}"
+
+
+def serve_claim(rid: str) -> str:
+    """The Celery hostname of the replica generating a request (the submitter resends if it is lost)."""
+    return f"{SERVE_PREFIX}:claim:{rid}"
+
+
+def serve_answer(rid: str) -> str:
+    """A request's answer, SET NX: the first replica to finish is the only answer ever delivered."""
+    return f"{SERVE_PREFIX}:answer:{rid}"
+
+
+def serve_runs(rid: str) -> str:
+    """How many times a request was generated (more than once only after a failover)."""
+    return f"{SERVE_PREFIX}:runs:{rid}"
+
+
+def serve_wake(submission: str) -> str:
+    """List a replica pushes to after answering requests of a submission: wakes the submitter."""
+    return f"{SERVE_PREFIX}:wake:{submission}"
+
+
+def serve_delivered(submission: str) -> str:
+    """List of the request ids whose answer was stored, one entry per stored answer (audits duplicates)."""
+    return f"{SERVE_PREFIX}:delivered:{submission}"

@@ -50,6 +50,8 @@ class FleetSettings:
     """A worker beats this often; after 3 missed beats `lmteam status` shows it lost."""
     payload_keep_s: int = 0
     """How long a round's payloads stay once it is merged (0: deleted at the merge; more to debug)."""
+    serve_batch: int = 16
+    """Most prompts a serving replica generates in one forward (those queued for it when it starts one)."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> FleetSettings:
@@ -66,6 +68,7 @@ class FleetSettings:
             retry_backoff=float(_env("RETRY_BACKOFF", str(cls.retry_backoff))),
             heartbeat_s=float(_env("HEARTBEAT_S", str(cls.heartbeat_s))),
             payload_keep_s=int(_env("PAYLOAD_KEEP_S", str(cls.payload_keep_s))),
+            serve_batch=int(_env("SERVE_BATCH", str(cls.serve_batch))),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -86,6 +89,8 @@ class FleetSettings:
             raise SettingsError("LMTEAM_HARD_TIME_LIMIT must be larger than LMTEAM_SOFT_TIME_LIMIT")
         if self.max_retries < 0:
             raise SettingsError("LMTEAM_MAX_RETRIES must be >= 0")
+        if self.serve_batch < 1:
+            raise SettingsError("LMTEAM_SERVE_BATCH must be >= 1")
         return self
 
     def to_env(self) -> dict[str, str]:

@@ -163,14 +163,29 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def chunk_passages(tokens: np.ndarray, passage_bytes: int) -> np.ndarray:
-    """Non-overlapping passages of passage_bytes bytes, (N, P) uint8; a short tail is dropped."""
+def chunk_passages(tokens: np.ndarray, passage_bytes: int, exclude: Sequence[tuple[int, int]] = (),
+                   stride: int | None = None) -> np.ndarray:
+    """Passages of passage_bytes bytes every `stride` bytes (default: back to back), (N, P) uint8; a
+    short tail is dropped.
+
+    With stride = passage_bytes / 2 every sentence shorter than half a passage lies whole in some
+    passage. A passage touching a span of `exclude` ([start, end) byte offsets: the windows of questions
+    built from this text) is left out, so no answer comes from a copy of its own question.
+    """
     if passage_bytes < 8:
         raise ValueError(f"passages must be at least 8 bytes, got {passage_bytes}")
-    n = len(tokens) // passage_bytes
+    stride = int(stride or passage_bytes)
+    n = (len(tokens) - passage_bytes) // stride + 1 if len(tokens) >= passage_bytes else 0
     if n < 1:
         raise ValueError(f"{len(tokens)} bytes of text make no passage of {passage_bytes} bytes")
-    return np.asarray(tokens[: n * passage_bytes], dtype=np.uint8).reshape(n, passage_bytes)
+    starts = np.arange(n) * stride
+    keep = np.ones(n, dtype=bool)
+    for lo, hi in exclude:
+        keep &= ~((starts < hi) & (starts + passage_bytes > lo))
+    if not keep.any():
+        raise ValueError("every passage overlaps an excluded span")
+    arr = np.asarray(tokens, dtype=np.uint8)
+    return np.stack([arr[s : s + passage_bytes] for s in starts[keep]])
 
 
 @dataclass
@@ -183,13 +198,14 @@ class PassageIndex:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, tokens: np.ndarray, passage_bytes: int, embedder: Embedder, **meta: object) -> PassageIndex:
-        passages = chunk_passages(tokens, passage_bytes)
+    def build(cls, tokens: np.ndarray, passage_bytes: int, embedder: Embedder,
+              exclude: Sequence[tuple[int, int]] = (), stride: int | None = None, **meta: object) -> PassageIndex:
+        passages = chunk_passages(tokens, passage_bytes, exclude, stride)
         texts = [p.tobytes() for p in passages]
         embedder.fit(texts)
         emb = embedder.embed(texts)
         return cls(passages, emb, embedder, {**meta, "passages": len(texts), "passage_bytes": passage_bytes,
-                                              "embedder": embedder.spec()})
+                                              "excluded_spans": len(exclude), "embedder": embedder.spec()})
 
     def __len__(self) -> int:
         return len(self.passages)

@@ -2,7 +2,8 @@
 
     lmteam smalltalk train --experts 4 --prefix 32 --corpus a.txt --corpus b.txt
     lmteam smalltalk eval runs/smalltalk-...            # held-out perplexity: routed mixture vs dense
-    lmteam generate runs/smalltalk-... --prompt "To be, or not"
+    lmteam generate runs/smalltalk-... --prompt "To be, or not"     # routed to one expert's replicas
+    lmteam smalltalk serve runs/smalltalk-... --replicas 2           # serve every expert until Ctrl-C
 
 cli.py adds these (main.add_command(smalltalk); main.add_command(generate)).
 
@@ -163,34 +164,121 @@ def eval_(run, prefix, corpus, as_json) -> None:
 
 @click.command()
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", required=True, help="Text to continue; its first M tokens pick the expert.")
+@click.option("--prompt", "-p", default=None, help="Text to continue; its first M tokens pick the expert.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="A file of prompts, one a line: routed and sent together, batched on the replicas.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per answer: text, expert, replica, times.")
 @click.option("--max-new", default=200, show_default=True, help="Tokens to generate (bytes for built-in models).")
 @click.option("--temperature", default=0.8, show_default=True, help="0 means greedy.")
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--local", is_flag=True, help="Load the routers and experts in this process instead (no fleet).")
+@click.option("--replicas", default=1, show_default=True, help="Embedded fleet: replicas of each routed expert.")
+@click.option("--fallback", is_flag=True,
+              help="A prompt whose expert has no live replica goes to its next-best expert (recorded) "
+                   "instead of failing.")
+@click.option("--replica-timeout", default=10.0, show_default=True,
+              help="Seconds an expert may have no live replica before its prompts fail (or fall back).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for every answer.")
+@broker_option
+@secret_option
 @one_line_errors
-def generate(run, prompt, max_new, temperature, top_k, seed) -> None:
+def generate(run, prompt, prompts_file, as_json, max_new, temperature, top_k, seed, local, replicas, fallback,
+             replica_timeout, timeout, broker, secret) -> None:
     """Sample text from a SmallTalk run: the routers pick one expert by the prompt's prefix, only it runs.
 
-    Runs locally from the run dir (no fleet needed). RUN may also be an HF model folder, or an
-    FPLD run whose student is one (`lmteam fpld --model ...` writes RUN/student/): then that
-    model continues the prompt (--max-new counts its tokens).
+    The prompt is routed here and sent only to its expert's queue (expert.<I>), where the expert's
+    replicas (`lmteam worker --role expert --serve RUN --expert I`) answer it: on the fleet of
+    --broker, or on an embedded one started for this call. With --broker, RUN may also be the job
+    id of a finished SmallTalk job in the fleet's store. --local runs everything in this process.
+
+    RUN may also be an HF model folder, or an FPLD run whose student is one (`lmteam fpld --model
+    ...` writes RUN/student/): then that model continues the prompt here (--max-new counts its tokens).
     """
     from pipeline.models.hf_folder import is_hf_folder
 
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give --prompt TEXT or --prompts FILE")
+    prompts = [prompt] if prompt is not None else [x for x in prompts_file.read_text().splitlines() if x.strip()]
+    if not prompts:
+        raise click.UsageError(f"{prompts_file} holds no prompt")
     folder = run / "student" if is_hf_folder(run / "student") else run
     if is_hf_folder(folder):
         from pipeline.models.hf import generate_text
 
-        click.echo(prompt + generate_text(folder, prompt, max_new=max_new, temperature=temperature,
-                                          top_k=top_k or None, seed=seed))
+        for p in prompts:
+            click.echo(p + generate_text(folder, p, max_new=max_new, temperature=temperature, top_k=top_k or None,
+                                         seed=seed))
         return
-    from pipeline.smalltalk.local import generate as gen
+    if local:
+        from pipeline.smalltalk.local import generate as gen
 
-    res = gen(run, prompt, max_new, temperature, top_k or None, seed)
-    losses = ", ".join(f"{x:.3f}" for x in res["router_losses"])
-    click.echo(f"[expert {res['expert']}; router losses on the first {res['prefix_bytes']} tokens: {losses}]", err=True)
-    click.echo(prompt + res["text"])
+        for p in prompts:
+            res = gen(run, p, max_new, temperature, top_k or None, seed)
+            losses = ", ".join(f"{x:.3f}" for x in res["router_losses"])
+            if as_json:
+                click.echo(json.dumps({"prompt": p, **res}))
+                continue
+            click.echo(f"[expert {res['expert']}; router losses on the first {res['prefix_bytes']} tokens: {losses}]",
+                       err=True)
+            click.echo(p + res["text"])
+        return
+    from pipeline.smalltalk.serve import Sampling
+    from pipeline.smalltalk.serve_driver import generate as serve
+
+    settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
+    sigterm_unwinds()
+    answers = serve(run if broker else Path(run), prompts, Sampling(max_new, temperature, top_k or None, seed),
+                    settings, replicas=replicas, fallback=fallback, replica_timeout=replica_timeout, timeout=timeout,
+                    say=lambda text: click.echo(text, err=True))
+    for a in answers:
+        if as_json:
+            click.echo(json.dumps(a))
+            continue
+        moved = f", fallback from expert {a['fallback_from']}" if a["fallback_from"] is not None else ""
+        tag = (f"[expert {a['expert']}{moved}, replica {a['replica']}; router losses "
+               f"{', '.join(f'{x:.3f}' for x in a['router_losses'])}; route {a['route_ms']:.0f} ms, "
+               f"generation {a['gen_ms']:.0f} ms in a batch of {a['batch']}]")
+        if len(answers) == 1:
+            click.echo(tag, err=True)
+            click.echo(a["prompt"] + a["text"])
+        else:
+            click.echo(f"{tag} {a['prompt']}{a['text']}")
+
+
+@smalltalk.command()
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--replicas", default=1, show_default=True, help="Local replicas of every expert.")
+@click.option("--threads", default=1, show_default=True, help="Torch threads per replica.")
+@one_line_errors
+def serve(run, replicas, threads) -> None:
+    """Serve every expert of RUN on the embedded default until Ctrl-C: a private Redis, and N local
+    replicas of each expert, each consuming its expert's queue expert.<I>.
+
+    It prints the fleet's URL and secret: `lmteam generate RUN --broker URL --secret S --prompt ...`
+    sends prompts to it. On a real fleet start the replicas yourself instead (README: serving).
+    """
+    import time
+
+    from broker.registry import live_queues
+    from broker.store import connect
+    from pipeline.smalltalk.serve import run_from_dir
+    from pipeline.smalltalk.serve_driver import serving_fleet
+
+    served = run_from_dir(run)
+    settings = FleetSettings.from_env(broker_url=None).validate()
+    sigterm_unwinds()
+    with serving_fleet(run, list(range(served.cfg.experts)), replicas, settings, threads) as fleet:
+        s = fleet.settings
+        click.echo(f"serving run {served.run_id}: {served.cfg.experts} experts x {replicas} replica(s)")
+        click.echo(f"  lmteam generate {run} --broker '{s.broker_url}' --secret {s.secret} --prompt ...")
+        client = connect(s.backend_url)
+        while True:  # a replica that dies is reported; its requests fail over to the others
+            time.sleep(5)
+            up = {w["name"] for w in live_queues(client).values()}
+            gone = sorted(set(fleet.procs) - up)
+            if gone:
+                click.echo(f"replicas not answering: {', '.join(gone)}", err=True)
 
 
 def print_report(report: dict) -> None:
