@@ -102,7 +102,7 @@ from pipeline.smalltalk.data import load_domains, prepare_data  # noqa: E402
 from pipeline.smalltalk.driver import run_smalltalk  # noqa: E402
 from pipeline.smalltalk.eval import cluster_stats, evaluate_mixture, token_nll  # noqa: E402
 from pipeline.smalltalk.routing import fit_tfidf_router, prefix_losses, random_routing, route  # noqa: E402
-from pipeline.smalltalk.steps import local_em, new_expert, train_expert  # noqa: E402
+from pipeline.smalltalk.steps import local_em, new_expert, tokens_per_param, train_expert  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "smalltalk.json"
 PER_DOMAIN = 480_000
@@ -218,11 +218,6 @@ def sweep(cfg: SmallTalkConfig, data, routers: list, assign: np.ndarray) -> list
                      "tokens_per_param": tokens_per_param(cs), "s": time.time() - t0})
         say(f"sweep {steps} steps: mixture {ev['ppl']:.3f}, dense {dense['ppl']:.3f} ({time.time() - t0:.0f}s)")
     return rows
-
-
-def tokens_per_param(cfg: SmallTalkConfig) -> float:
-    """Training tokens one expert sees per (non-embedding) parameter."""
-    return cfg.expert_steps * cfg.batch_size * cfg.block_size / new_expert(cfg).num_params(non_embedding=True)
 
 
 def overrides(args: list[str]) -> dict:

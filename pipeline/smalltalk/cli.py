@@ -120,6 +120,8 @@ def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_
     sigterm_unwinds()
     watch = _Bars(cfg) if not quiet else _no_bars
     say = click.echo if not quiet else _no_say
+    if cfg.dense and not cfg.model:
+        _say_what_it_will_show(cfg, say)
     try:
         report = run_smalltalk(cfg, settings, out, say=say, watch=watch, threads=threads, job_id=job_id,
                                expert_workers=workers)
@@ -279,6 +281,19 @@ def serve(run, replicas, threads) -> None:
             gone = sorted(set(fleet.procs) - up)
             if gone:
                 click.echo(f"replicas not answering: {', '.join(gone)}", err=True)
+
+
+def _say_what_it_will_show(cfg, say) -> None:
+    """Before training: a newcomer must not read a losing mixture as the method failing."""
+    from pipeline.smalltalk.steps import CAPACITY_BOUND_TOKENS_PER_PARAM, tokens_per_param
+
+    tpp = tokens_per_param(cfg)
+    if tpp < CAPACITY_BOUND_TOKENS_PER_PARAM:
+        say(f"note: each expert trains on ~{tpp:.0f} tokens per parameter here. Below ~"
+            f"{CAPACITY_BOUND_TOKENS_PER_PARAM} the dense model of the same FLOPs wins (more steps on one model "
+            "beat specialising until it runs out of capacity), so this run shows the mechanics (EM routers, "
+            "independent experts, prefix routing), not the mixture's gain. The setting where the mixture wins "
+            "is in `lmteam smalltalk train --help` (about 10 minutes on 2 cores).")
 
 
 def print_report(report: dict) -> None:

@@ -41,6 +41,16 @@ def new_expert(cfg: SmallTalkConfig, device: str = "cpu") -> torch.nn.Module:
     return build_model(replace(cfg.expert_spec(), seed=derive_seed(cfg.seed, "expert-init")), device)
 
 
+def tokens_per_param(cfg: SmallTalkConfig) -> float:
+    """Training tokens one expert sees per (non-embedding) parameter."""
+    return cfg.expert_steps * cfg.batch_size * cfg.block_size / new_expert(cfg).num_params(non_embedding=True)
+
+
+# Below this many training tokens per parameter the bench's experts lost to the dense model of the
+# same FLOPs (bench/smalltalk.py: +23% at ~150, a tie at ~300, -3.7% at ~590).
+CAPACITY_BOUND_TOKENS_PER_PARAM = 500
+
+
 def expert_from_bytes(cfg: SmallTalkConfig, data: bytes, device: str = "cpu") -> torch.nn.Module:
     """An expert (or the dense model) from the bytes `state_bytes` wrote of it."""
     return load_state_bytes(cfg.expert_spec(), data, device)
