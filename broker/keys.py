@@ -74,6 +74,11 @@ def payload(job_id: str, rnd: int, node: str) -> str:
     return f"{PREFIX}:payload:{job_id}:{rnd}:{node}"
 
 
+def staged_payload(job_id: str, rnd: int, node: str, token: str) -> str:
+    """Where a payload is written with a plain SET before the round gate moves it into place."""
+    return f"{PREFIX}:staged:{job_id}:{rnd}:{node}:{token}"
+
+
 def node(job_id: str, rnd: int, node_name: str) -> str:
     return f"{PREFIX}:node:{job_id}:{rnd}:{node_name}"
 

@@ -4,7 +4,8 @@ Large things travel through here by reference (a task argument is just the job i
 the broker base64-inflates message bodies by a third and holds them in memory twice.
 
 Deadline discipline lives in two Lua scripts, so it is atomic inside Redis:
-- `submit` writes a node's payload only if its round is still open, else records it as late;
+- `submit` moves a node's payload (written beside it with a plain SET) into place only if its
+  round is still open, else records it as late;
 - `close` seals a round once. Whatever submitted before the seal is what gets merged; a result
   that arrives after it can never change the merged output.
 Deadlines are measured on Redis's clock (TIME), the one clock every process of a fleet shares.
@@ -13,6 +14,7 @@ Deadlines are measured on Redis's clock (TIME), the one clock every process of a
 from __future__ import annotations
 
 import json
+import uuid
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -21,18 +23,24 @@ from redis.retry import Retry
 from broker import keys
 
 _SUBMIT = """
-local closed, payload, node, arrived = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now, data, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local closed, payload, node, arrived, staged = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now, ttl = ARGV[1], tonumber(ARGV[2])
 redis.call('RPUSH', arrived, node)
 redis.call('EXPIRE', arrived, ttl)
 if redis.call('EXISTS', closed) == 1 then
+  redis.call('DEL', staged)
   redis.call('HSET', node, 'status', 'late', 'late_at', now)
   redis.call('EXPIRE', node, ttl)
   return 'late'
 end
-if redis.call('SET', payload, data, 'NX', 'EX', ttl) == false then
+if redis.call('EXISTS', payload) == 1 then
+  redis.call('DEL', staged)
   return 'duplicate'
 end
+if redis.call('EXISTS', staged) == 0 then
+  return 'missing'
+end
+redis.call('RENAME', staged, payload)
 redis.call('HSET', node, 'status', 'arrived', 'arrived_at', now)
 redis.call('EXPIRE', node, ttl)
 return 'arrived'
@@ -104,9 +112,17 @@ class Store:
     # rounds ----------------------------------------------------------------------------------
     def submit_payload(self, job: str, rnd: int, node: str, data: bytes) -> str:
         """'arrived' (will be merged if valid), 'late' (round already sealed) or 'duplicate'."""
-        names = [keys.closed(job, rnd), keys.payload(job, rnd, node), keys.node(job, rnd, node), keys.arrived(job, rnd)]
-        out = self._submit(keys=names, args=[f"{self.now():.6f}", data, self.ttl])
-        return out.decode() if isinstance(out, bytes) else str(out)
+        # The payload goes in with a plain SET under a staging key, and the gate script only moves it
+        # (RENAME keeps its TTL): a 100 MB payload never becomes a Lua argument Redis copies.
+        staged = keys.staged_payload(job, rnd, node, uuid.uuid4().hex)
+        self.r.set(staged, data, ex=self.ttl)
+        names = [keys.closed(job, rnd), keys.payload(job, rnd, node), keys.node(job, rnd, node), keys.arrived(job, rnd),
+                 staged]
+        out = self._submit(keys=names, args=[f"{self.now():.6f}", self.ttl])
+        out = out.decode() if isinstance(out, bytes) else str(out)
+        if out == "missing":  # the staged copy expired or was evicted between the two calls
+            raise RuntimeError(f"payload of {node} for {job} round {rnd} vanished before the gate took it")
+        return out
 
     def close_round(self, job: str, rnd: int) -> bool:
         """Seal a round; True for the caller that sealed it, False if it was already sealed."""

@@ -29,6 +29,22 @@ def test_submit_after_close_is_late_and_not_stored(redis_client):
     assert st.get_payload("j", 0, "0") == b"on time"
 
 
+def test_payloads_are_staged_with_set_and_leave_no_staging_key(redis_client):
+    """A payload is never a Lua argument: it is SET beside the round, then moved (or dropped) by
+    the gate; whatever the outcome, no staged copy is left behind, and the payload keeps a TTL."""
+    from broker import keys
+
+    st = Store(redis_client, ttl=600)
+    big = b"x" * (8 << 20)
+    assert st.submit_payload("j", 0, "0", big) == "arrived"
+    assert st.submit_payload("j", 0, "0", b"again") == "duplicate"
+    st.close_round("j", 0)
+    assert st.submit_payload("j", 0, "1", big) == "late"
+    assert list(redis_client.scan_iter(keys.staged_payload("*", "*", "*", "*"))) == []
+    assert st.get_payload("j", 0, "0") == big
+    assert 0 < redis_client.ttl(keys.payload("j", 0, "0")) <= 600
+
+
 def test_node_update_if_open_respects_seal(redis_client):
     """A failure recorded after the seal does not overwrite the aggregator's verdict."""
     st = Store(redis_client)
