@@ -9,7 +9,7 @@ Node i fine-tunes LoRA adapters of the shared pretrained base P0 on domain i's t
 the probe is an equal mix of the domains' probe parts; the held-out mixture is --eval-seqs windows
 from every domain's eval part (never probed, never trained on).
 
-One round (T = 1: what two CPU cores allow; the paper runs T = 5 on GPUs), measured with the very
+One round (T = 1: what two CPU cores allow; the paper's E3 runs T = 5), measured with the very
 functions the fleet's workers call (pipeline/fpld/steps.py, pipeline/fpld/merge.py, the wire
 codecs), in one process, without Redis:
   1. P0 = initial_student (LoRA B = 0, so P0 is the pretrained model): held-out perplexity;
@@ -26,9 +26,17 @@ while sending <= 1/20 of FedAvg's bytes per node per round.
 
     python bench/fpld_real.py [--corpus FILE ... | --corpus-dir DIR] [--model smollm2|DIR] [--quick]
 
-The committed bench/results/fpld_real.json:
-    python bench/fpld_real.py --corpus-dir ../shared/data/corpora
-(defaults below, device cpu, 2 threads). A smoke test on a tiny model folder, in seconds:
+The committed bench/results/fpld_real.json (SmolLM2-135M-Instruct from `lmteam model pull smollm2`):
+    python bench/fpld_real.py --corpus-dir ../shared/data/corpora --threads 1
+i.e. the defaults below: 400 KB per domain, LoRA rank 8, block 128, batch 4, 30 local steps and
+20 distill steps at lr 1e-3, 8 probe windows (1,024 positions), 6 held-out windows per domain,
+dense clip 20 (encode_probe_logits puts each row's top logit at +clip) plus 8 bits at the paper's
+E3 clip 40, sparse top-64/128/256 at 8 bits. lr 1e-3 was set beforehand (a 40-step pilot on one
+domain, judged on its probe part, never on held-out text); nothing was tuned after. It ran on
+device cpu with 1 torch thread because other jobs were loading the 2 cores (load average 5-10):
+there 2 threads took 10-40 s a train step, 1 thread 5-9 s (2 threads: ~3 s on idle cores). It took
+51 min wall, 35 min CPU (~5 CPU s a train or distill step); on idle cores with 2 threads expect ~20 min.
+A smoke test on a tiny model folder, in seconds:
     python -c "from pipeline.models.hf_init import init_tiny_model; init_tiny_model('/tmp/tinyb', vocab=512)"
     python bench/fpld_real.py --corpus-dir ../shared/data/corpora --model /tmp/tinyb --quick \
         --out /tmp/fpld_real_tiny.json
@@ -69,8 +77,8 @@ from pipeline.fpld.steps import (  # noqa: E402
     merge_and_distill,
     reference_logits,
 )
+from pipeline.models.hf_folder import KNOWN_MODELS, default_cache_dir  # noqa: E402
 from pipeline.models.lm import load_state_bytes, resolve_device, state_bytes, tokenizer_for, vocab_size  # noqa: E402
-from pipeline.models.spec import ALIASES, cache_dir  # noqa: E402
 from pipeline.models.train import mean_kl, perplexity, probe_logits, train_lm  # noqa: E402
 from pipeline.seeds import derive_seed  # noqa: E402
 
@@ -86,10 +94,10 @@ def say(msg: str) -> None:
 
 
 def wait_for_model(name: str, wait_s: float) -> None:
-    """An alias whose folder a colleague is still pulling: poll every 30 s until config.json is there."""
-    if name not in ALIASES:
+    """An alias whose folder another process is still pulling: poll every 30 s until config.json is there."""
+    if name not in KNOWN_MODELS:
         return
-    folder = cache_dir() / ALIASES[name]
+    folder = default_cache_dir() / KNOWN_MODELS[name]
     t0 = time.time()
     while not (folder / "config.json").is_file():
         if time.time() - t0 > wait_s:
@@ -260,7 +268,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="an alias (smollm2) or an HF model folder")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; on a machine other jobs load, 1 is steadier (2 threads then ran 3-7x slower)")
     ap.add_argument("--max-bytes", type=int, default=400_000, help="text kept per domain (first bytes)")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -286,12 +295,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     q = args.quick
-    local_steps = args.local_steps or (2 if q else 60)
-    distill_steps = args.distill_steps or (2 if q else 40)
+    local_steps = args.local_steps or (2 if q else 30)
+    distill_steps = args.distill_steps or (2 if q else 20)
     files = corpus_files(args)
     n_dom = len(files) if files else 4
     probe_seqs = args.probe_seqs or (n_dom if q else 2 * n_dom)
-    eval_seqs = args.eval_seqs or (1 if q else 8)
+    eval_seqs = args.eval_seqs or (1 if q else 6)
     if probe_seqs % n_dom:
         raise SystemExit(f"--probe-seqs {probe_seqs} must be a multiple of the {n_dom} domains (an equal mix)")
     ph = Phases()

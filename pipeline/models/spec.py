@@ -17,8 +17,6 @@ from pathlib import Path
 from pipeline.models.hf_folder import KNOWN_MODELS, default_cache_dir
 from pipeline.models.hf_folder import weights_hash as folder_weights_hash
 
-ALIASES, cache_dir = KNOWN_MODELS, default_cache_dir  # TEMP: bench/fpld_real.py still imports these
-
 
 class ModelError(ValueError):
     """A model cannot be found, loaded or matched; the message is one readable line."""
