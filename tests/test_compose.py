@@ -32,7 +32,14 @@ def test_compose_config_is_valid_with_the_example_env(compose, tmp_path):
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")
     res = _config(compose, tmp_path, "--services")
     assert res.returncode == 0, res.stderr
-    assert set(res.stdout.split()) == {"redis", "flower", "aggregator", "expert", "node0", "node1", "node2", "node3"}
+    assert set(res.stdout.split()) == {"redis", "flower", "aggregator", "expert", "node0", "node1", "node2", "node3",
+                                       "serve-expert0", "serve-expert1"}
+    # expert replicas serve a finished run: they start only with `--profile serve`
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert all(services[f"serve-expert{i}"].get("profiles") == ["serve"] for i in (0, 1))
+    assert all("profiles" not in v for k, v in services.items() if not k.startswith("serve-"))
     full = _config(compose, tmp_path)
     assert "--requirepass" in full.stdout and "appendonly" in full.stdout
     assert "FLOWER_BASIC_AUTH" in full.stdout
