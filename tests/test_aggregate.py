@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker.round_gate import QuorumError, check_quorum, default_quorum
-from pipeline.aggregate import RunningMean, mean_logits
+from pipeline.aggregate import RunningMean, TensorMeans, mean_logits
 
 
 def test_mean_logits_is_arithmetic_mean():
@@ -49,3 +49,18 @@ def test_running_mean_folds_arrays_one_at_a_time():
         acc.add(np.zeros((5, 6), np.float32))
     with pytest.raises(ValueError):
         RunningMean().mean()
+
+
+def test_tensor_means_is_the_mean_of_each_named_tensor():
+    rng = np.random.default_rng(0)
+    nodes = [{"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+             for _ in range(3)]
+    acc = TensorMeans()
+    for n in nodes:
+        acc.add(n)
+    means = acc.means()
+    assert acc.count == 3
+    for name in ("a", "b"):
+        assert np.allclose(means[name].numpy(), np.mean([n[name] for n in nodes], axis=0), atol=1e-6)
+    with pytest.raises(ValueError, match="tensor names differ"):
+        acc.add({"a": nodes[0]["a"]})

@@ -90,3 +90,23 @@ def test_wrong_shape_payload_is_rejected(fleet):
     report = drive(cfg, f.settings, data)
     node = report["rounds"][0]["nodes"]["2"]
     assert node["status"] == "rejected" and "shape" in node["reason"]
+
+
+def test_fedavg_with_the_builtin_model_averages_the_nodes_weights(fleet):
+    """FedAvg on the same fleet: each node uploads its whole built-in model (signed safetensors, a
+    model's size plus a small header), and the next student, their mean, is a working model that
+    moved from the broadcast one. (TensorMeans' arithmetic is tested in test_aggregate.py.)"""
+    import numpy as np
+    from safetensors.numpy import load
+
+    f, store, corpus, data = fleet
+    cfg = tiny_config(corpus, method="fedavg", round_timeout=30.0)
+    report = drive(cfg, f.settings, data, job_id="fpld-fedavg")
+    assert report["rounds"][0]["merged"] == 4
+    student = load(store.get_blob("fpld-fedavg", "student/1"))
+    initial = load(store.get_blob("fpld-fedavg", "student/0"))
+    sent = report["summary"]["bytes_per_node"]
+    assert all(len(store.get_blob("fpld-fedavg", "student/0")) < b < len(store.get_blob("fpld-fedavg", "student/0"))
+               + 1024 for b in sent.values())
+    assert not np.allclose(student["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
+    assert np.isfinite(report["summary"]["student_ppl"])
