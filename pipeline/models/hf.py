@@ -129,12 +129,6 @@ def load_hf(folder: str | Path, *, block_size: int, lora_rank: int = 0, seed: in
     return HFCausalLM(hf, block_size, lora_rank, seed).to(device)
 
 
-def describe_folder(folder: str | Path) -> dict:
-    """Architecture name from config.json without loading weights (for job records and errors)."""
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    return {"model_type": cfg.get("model_type"), "architectures": cfg.get("architectures")}
-
-
 def generate_text(folder: str | Path, prompt: str, *, max_new: int, temperature: float, top_k: int | None,
                   seed: int, device: str = "cpu") -> str:
     """Continue `prompt` with the HF model in `folder` (an FPLD student, a pulled model): the new text."""

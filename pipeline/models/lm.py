@@ -80,10 +80,6 @@ def state_bytes(model: nn.Module) -> bytes:
     return st_save(model.trainable_state(), metadata={"format": HF_STATE_FORMAT, "lora_rank": str(model.lora_rank)})
 
 
-def state_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    return st_load(data)
-
-
 def load_state_bytes(spec: ModelSpec, data: bytes, device: str = "cpu") -> nn.Module:
     """The model whose state `state_bytes` wrote: the spec's base with that state applied."""
     if spec.is_builtin:
