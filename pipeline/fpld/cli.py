@@ -97,11 +97,9 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
                      payload=payload, topk=topk, model=model, lora_rank=lora_rank, device=device,
                      block_size=block_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, batch_size=batch_size,
                      lr=lr, distill_lr=distill_lr, faults=faults).validate()
-    from pipeline.fpld.driver import resolve_model
     from pipeline.models.lm import resolve_device
 
     resolve_device(device)  # a bad --device fails here, in one line, before anything starts
-    cfg = resolve_model(cfg)
     settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
     from pipeline.data import load_corpus
 

@@ -132,6 +132,6 @@ def average_weights(cfg: FPLDConfig, student: bytes, mean: dict[str, torch.Tenso
                     device: str = "cpu") -> tuple[bytes, dict[str, float]]:
     """FedAvg's merge: the student is the nodes' mean weights (or mean LoRA adapters)."""
     t0 = time.perf_counter()
-    blob = with_tensors(cfg.model_spec(), student, mean)
+    blob = with_tensors(student, mean)
     ppl = perplexity(load_state_bytes(cfg.model_spec(), blob, device), eval_windows)
     return blob, {"student_ppl": ppl, "t_eval": time.perf_counter() - t0}

@@ -94,7 +94,7 @@ def load_state_bytes(spec: ModelSpec, data: bytes, device: str = "cpu") -> nn.Mo
     return model
 
 
-def with_tensors(spec: ModelSpec, like: bytes, tensors: dict[str, torch.Tensor]) -> bytes:
+def with_tensors(like: bytes, tensors: dict[str, torch.Tensor]) -> bytes:
     """A state blob of the same kind as `like` holding `tensors` (FedAvg's averaged weights)."""
     meta = _read_metadata_raw(like)
     return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)

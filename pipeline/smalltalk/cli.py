@@ -108,10 +108,8 @@ def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_
                               n_head=n_head, batch_size=batch_size, eval_seqs=eval_seqs, model=model,
                               lora_rank=lora_rank, device=device, seed=seed).validate()
         from pipeline.models.lm import resolve_device
-        from pipeline.smalltalk.driver import resolve_model
 
-        resolve_device(device)
-        cfg = resolve_model(cfg)
+        resolve_device(device)  # the model itself is resolved (and hashed) once, by run_smalltalk
     settings = FleetSettings.from_env(broker_url=broker, secret=secret).validate()
     job_id = new_job_id(KIND)
     out = out or Path("runs") / job_id
