@@ -19,9 +19,12 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where windows are made: a worker's supervising parent never loads it
+    import torch
 
 VOCAB_SIZE = 256
 _SNIFF_BYTES = 64 * 1024
@@ -314,6 +317,8 @@ def windows(
     else:
         starts = np.arange(0, len(tokens) - width + 1, width)[:n]  # (N,)
     idx = starts[:, None] + np.arange(width)[None, :]  # (N, width)
+    import torch
+
     return torch.from_numpy(tokens[idx].astype(np.int64))
 
 
@@ -330,4 +335,6 @@ def windows_from_bytes(data: bytes, block_size: int) -> torch.Tensor:
     if len(data) % (4 * (block_size + 1)):
         raise ValueError(f"window blob of {len(data)} bytes is not a multiple of 4*(block_size+1)={4 * (block_size + 1)}")
     arr = np.frombuffer(data, dtype="<i4")
+    import torch
+
     return torch.from_numpy(arr.reshape(-1, block_size + 1).astype(np.int64))

@@ -22,10 +22,9 @@ from broker.wire.sparse import (
     SparseMeta,
     decode_sparse_logits,
     encode_sparse_logits,
-    iter_rebuilt,
-    rebuild_logprobs,
     sparse_size_bound,
 )
+from broker.wire.sparse_rebuild import SparseLogprobMean, iter_rebuilt, rebuild_logprobs
 
 SECRET = b"test-secret"
 MAX_BYTES = 2**24
@@ -515,3 +514,38 @@ def test_decode_fuzz_mutated_signed_body(wire: bytes, data: st.DataObject) -> No
 def test_decode_fuzz_signed_field_values(wire: bytes, key: str, value: Any) -> None:
     """Any value in any signed body field is either accepted or rejected with PayloadError."""
     decode_or_payload_error(forged(wire, **{key: value}))
+
+
+@pytest.mark.parametrize("rows,vocab,k", [(16, 300, 8), (6, 40, 40), (5, 64, 1)])
+def test_sparse_mean_equals_the_mean_of_rebuilt_rows(rows, vocab, k):
+    """SparseLogprobMean (O(rows*k) per payload) gives what averaging rebuild_logprobs gives, also for
+    masked reference tokens, a reference that masks a whole tail, a tail too small for float64
+    cancellation, and k == V."""
+    rng = np.random.default_rng(rows + vocab + k)
+    ref = rng.normal(0, 3, (rows, vocab)).astype(np.float32)
+    ref[1, 3] = -np.inf  # one masked token
+    ref[2, :] = -np.inf
+    ref[2, : k + 1] = 1.0  # the reference leaves a single tail token
+    ref[3, :] = -60.0
+    ref[3, :k] = 25.0  # the top k hold all but ~1e-37 of the reference's mass
+    acc, rebuilt = SparseLogprobMean(ref), []
+    for node in range(4):
+        x = (np.where(np.isfinite(ref), ref, 0.0) + rng.normal(0, 2, ref.shape)).astype(np.float32)
+        wire = encode_sparse_logits(x, secret=SECRET, job="j", round=0, node=str(node), k=k, bits=8)
+        sp, _ = decode_sparse_logits(wire, secret=SECRET, max_bytes=MAX_BYTES)
+        rebuilt.append(rebuild_logprobs(sp, ref).astype(np.float64))
+        acc.add(sp)
+    want, got = np.mean(rebuilt, axis=0), acc.mean()
+    assert acc.count == 4 and got.dtype == np.float32
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], atol=1e-4)
+
+
+def test_sparse_mean_rejects_a_payload_of_another_shape():
+    acc = SparseLogprobMean(np.zeros((4, 10), dtype=np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        acc.add(SparseLogits(np.zeros((3, 2), dtype=np.int64) + [0, 1], np.zeros((3, 2), np.float32),
+                             np.full(3, -1.0, np.float32), 10))
+    with pytest.raises(ValueError, match="no payloads"):
+        acc.mean()

@@ -9,15 +9,18 @@ cfg.checkpoint_every steps: a redelivered task, on any expert worker, resumes th
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from broker import keys
 from broker.app import app
 from broker.jobs import JobRecord
 from pipeline.smalltalk.config import DENSE, SmallTalkConfig
 from workers.base import FleetTask, blob, device_for, secret, store
+
+if TYPE_CHECKING:  # torch loads in the pool process at the first task, never in the supervising parent
+    import torch
 
 _SEQS: dict[str, torch.Tensor] = {}
 
@@ -74,7 +77,7 @@ def smalltalk_train_router(self, job_id: str, rnd: int, e: int) -> dict:
     cfg = job_config(job_id)
     router = model_from_bytes(run.blob(f"router/{rnd - 1}/{e}")) if rnd else new_router(cfg, e)
     rows = np.nonzero(assignment(job_id, rnd) == e)[0]
-    losses = train_router(cfg, router, pool(job_id)[torch.from_numpy(rows)], rnd, e, progress=run.progress)
+    losses = train_router(cfg, router, pool(job_id)[rows], rnd, e, progress=run.progress)
     run.st.put_blob_once(job_id, f"router/{rnd}/{e}", model_to_bytes(router))
     run.finish("done", sequences=len(rows), train_loss=_mean_tail(losses))
     return {"round": rnd, "status": "done"}
@@ -96,7 +99,7 @@ def smalltalk_score(self, job_id: str, rnd: int, shard: int) -> dict:
     index = np.frombuffer(run.blob(f"score/{rnd}/index"), dtype="<i4")
     rows = index[shard * cfg.score_shard:(shard + 1) * cfg.score_shard].astype(np.int64)
     routers = [model_from_bytes(run.blob(f"router/{rnd}/{e}")) for e in range(cfg.experts)]
-    losses = score(cfg, routers, pool(job_id)[torch.from_numpy(rows)])
+    losses = score(cfg, routers, pool(job_id)[rows])
     payload = encode_scores(losses, cfg, secret=secret(), job=job_id, rnd=rnd, shard=name)
     outcome = run.submit(payload)
     run.finish("done", sequences=len(rows), payload_bytes=len(payload), outcome=outcome)
@@ -134,7 +137,7 @@ def smalltalk_train_expert(self, job_id: str, rnd: int, name: str) -> dict:
 
     ckpt = Checkpointing(every=cfg.checkpoint_every, save=save, resume_step=state.step if state else 0,
                          resume_optimizer=state.optimizer if state else None)
-    losses = train_expert(cfg, name, model, pool(job_id)[torch.from_numpy(rows)], checkpointing=ckpt,
+    losses = train_expert(cfg, name, model, pool(job_id)[rows], checkpointing=ckpt,
                           progress=run.progress)
     run.st.put_blob_once(job_id, f"expert/{name}/model", state_bytes(model))
     run.finish("done", train_loss=_mean_tail(losses))

@@ -10,7 +10,7 @@ Sender and receiver both hold the broadcast student, a shared *reference* model,
 * the exact log of the mass outside the top k (``tail``),
 
 and the receiver rebuilds a full distribution whose tail has the sender's exact mass, spread in
-proportion to the reference's probabilities (:func:`rebuild_logprobs`). With the sender's own logits
+proportion to the reference's probabilities (:mod:`broker.wire.sparse_rebuild`). With the sender's own logits
 as reference and no clipping (below), the rebuilt distribution ``r`` differs from the sender's ``p``
 only through the quantization error ``e_i`` of the top-k log-probs, ``|e_i| <= step/2``; since the
 top-k part is renormalised to the sent mass ``M = 1 - exp(tail)``, ``KL(p || r) = M * (log E[exp(e)]
@@ -34,8 +34,6 @@ the gaps to the next (``u2`` when ``V <= 65536``, else ``u4``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +61,7 @@ from broker.wire.envelope import (
 from broker.wire.quantize import MAX_BITS, dequantize, pack_bits, packed_size, quantize, unpack_bits
 
 __all__ = ["HEADER_LIMIT", "KIND", "MAX_LOGP_SPAN", "PayloadError", "SparseLogits", "SparseMeta",
-           "decode_sparse_logits", "encode_sparse_logits", "iter_rebuilt", "rebuild_logprobs", "sparse_size_bound"]
+           "decode_sparse_logits", "encode_sparse_logits", "sparse_size_bound"]
 
 KIND = "sparse-logits"
 HEADER_LIMIT = 512  # everything but the contents of ids, row_params and data (worst case is ~470)
@@ -319,80 +317,3 @@ def _decode(
     logp = dequantize(codes, bits, lo[:, None], hi[:, None], seed)
     sparse = SparseLogits(ids=ids, logp=logp, tail_logmass=tail.astype(np.float32), vocab=vocab)
     return sparse, SparseMeta(job, rnd, node, (rows, vocab), k, bits, seed, nbytes)
-
-
-def _check_sparse(sparse: SparseLogits) -> None:
-    ids, logp, tail = sparse.ids, sparse.logp, sparse.tail_logmass
-    if ids.ndim != 2 or logp.shape != ids.shape or tail.shape != ids.shape[:1]:
-        raise ValueError(f"SparseLogits shapes disagree: ids {ids.shape}, logp {logp.shape}, tail {tail.shape}")
-    if not 1 <= ids.shape[1] <= sparse.vocab:
-        raise ValueError(f"k={ids.shape[1]} must be in 1..vocab={sparse.vocab}")
-
-
-def _rebuild_rows(
-    ids: np.ndarray, logp: np.ndarray, tail: np.ndarray, vocab: int, ref: np.ndarray | None
-) -> np.ndarray:
-    c, k = ids.shape
-    v = logp.astype(np.float64)
-    t = tail.astype(np.float64)
-    # Quantization moved the top-k sum; keep the sent tail mass exact and rescale the top k to the rest.
-    m = v.max(axis=1, keepdims=True)
-    lse = m[:, 0] + np.log(np.exp(v - m).sum(axis=1))
-    top = v + (np.log(-np.expm1(t)) - lse)[:, None]
-    if k == vocab:
-        out = np.empty((c, vocab), dtype=np.float32)
-    elif ref is None:
-        out = np.repeat((t - math.log(vocab - k)).astype(np.float32)[:, None], vocab, axis=1)
-    else:
-        r = np.array(ref, dtype=np.float64)
-        if r.shape != (c, vocab):
-            raise ValueError(f"reference rows have shape {r.shape}, expected {(c, vocab)}")
-        if np.any(np.isnan(r)) or np.any(r == np.inf):
-            raise ValueError("reference_logits contain NaN or +inf (-inf, a masked token, is allowed)")
-        np.put_along_axis(r, ids, -np.inf, axis=1)
-        rm = r.max(axis=1)
-        # Shifting by the tail's own max makes the tail sum >= 1, so it cannot underflow; the only
-        # degenerate row is one whose reference masks every tail token: spread that tail uniformly.
-        shaped = np.isfinite(rm)
-        shift = np.where(shaped, rm, 0.0)[:, None]
-        with np.errstate(divide="ignore"):
-            lse_tail = shift[:, 0] + np.log(np.exp(r - shift).sum(axis=1))
-        r += np.where(shaped, t - lse_tail, 0.0)[:, None]
-        r[~shaped] = (t[~shaped] - math.log(vocab - k))[:, None]
-        out = r.astype(np.float32)
-    np.put_along_axis(out, ids, top.astype(np.float32), axis=1)
-    return out
-
-
-def rebuild_logprobs(
-    sparse: SparseLogits, reference_logits: np.ndarray | None = None, rows: slice | None = None
-) -> np.ndarray:
-    """The receiver's full float32 log-probabilities for ``rows`` (all rows by default), shape (n, V).
-
-    Top-k tokens get their sent log-probs, renormalised so that top-k mass plus the sent tail mass is 1.
-    The others share the tail mass in proportion to ``softmax(reference_logits)`` restricted to them,
-    or uniformly when ``reference_logits`` is None. ``reference_logits`` is aligned with ``sparse``:
-    shape (sparse.rows, V), and ``rows`` selects from both. Rows are independent, so a caller can
-    fold slices into a running sum (:func:`iter_rebuilt`).
-    """
-    _check_sparse(sparse)
-    sel = slice(None) if rows is None else rows
-    if not isinstance(sel, slice):
-        raise TypeError(f"rows must be a slice or None, got {type(rows).__name__}")
-    ref = None
-    if reference_logits is not None:
-        if reference_logits.shape != (sparse.rows, sparse.vocab):
-            raise ValueError(f"reference_logits shape {reference_logits.shape} is not {(sparse.rows, sparse.vocab)}")
-        ref = reference_logits[sel]
-    return _rebuild_rows(sparse.ids[sel], sparse.logp[sel], sparse.tail_logmass[sel], sparse.vocab, ref)
-
-
-def iter_rebuilt(
-    sparse: SparseLogits, reference_logits: np.ndarray | None = None, chunk_rows: int = 256
-) -> Iterator[tuple[slice, np.ndarray]]:
-    """Yield ``(row_slice, logp_chunk)`` covering all rows, ``chunk_rows`` at a time (see rebuild_logprobs)."""
-    if not is_int(chunk_rows) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    for a in range(0, sparse.rows, chunk_rows):
-        sel = slice(a, min(a + chunk_rows, sparse.rows))
-        yield sel, rebuild_logprobs(sparse, reference_logits, sel)

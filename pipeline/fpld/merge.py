@@ -2,9 +2,10 @@
 running mean at once, so memory does not grow with the number of nodes.
 
 - dense logits: the mean of the dequantized logits (the paper's teacher);
-- sparse logits: each node's distribution rebuilt (its top-k log-probs, the tail shaped by the
-  broadcast student's own probe logits, which both ends hold), then the mean of the log-probs:
-  a token missing from one node's top-k gets that node's tail estimate, never a zero logit;
+- sparse logits: the mean of each node's rebuilt log-probs (its top-k log-probs, the tail shaped
+  by the broadcast student's own probe logits, which both ends hold), folded at O(rows * k) per
+  node without rebuilding any (broker/wire/sparse_rebuild.py): a token missing from one node's
+  top-k gets that node's tail estimate, never a zero logit;
 - FedAvg: the mean of the nodes' weights (or LoRA adapters).
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from broker.wire.codec import decode_logits
-from broker.wire.sparse import decode_sparse_logits, rebuild_logprobs
+from broker.wire.sparse import decode_sparse_logits
+from broker.wire.sparse_rebuild import SparseLogprobMean
 from broker.wire.weights import decode_weights
 from pipeline.aggregate import RunningMean, TensorMeans
 from pipeline.fpld.config import FPLDConfig
@@ -27,7 +29,13 @@ class RoundMerge:
         self.cfg, self.job, self.rnd, self.secret, self.max_bytes = cfg, job, rnd, secret, max_bytes
         self.shape = (cfg.probe_seqs * cfg.block_size, vocab)
         self.reference = reference
-        self.teacher: RunningMean | TensorMeans = TensorMeans() if cfg.method == "fedavg" else RunningMean()
+        self.teacher: RunningMean | TensorMeans | SparseLogprobMean
+        if cfg.method == "fedavg":
+            self.teacher = TensorMeans()
+        elif cfg.payload == "sparse":
+            self.teacher = SparseLogprobMean(reference)
+        else:
+            self.teacher = RunningMean()
         self.full = RunningMean()  # --measure-teacher-kl: the float32 side channel, same nodes
 
     @property
@@ -44,7 +52,7 @@ class RoundMerge:
         if self.cfg.payload == "sparse":
             sparse, meta = decode_sparse_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
                                                 expect_shape=self.shape, **expect)
-            self.teacher.add(rebuild_logprobs(sparse, self.reference))
+            self.teacher.add(sparse)
         else:
             x, meta = decode_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
                                     expect_shape=self.shape, **expect)
