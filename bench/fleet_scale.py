@@ -116,7 +116,8 @@ def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | N
     domains = default_corpus(max_bytes_per_domain=60_000)
     rows = []
     for k in nodes:
-        base = config(kinds[0], k, rounds, model)
+        # the fleet's fork server preloads transformers when any of the runs uses the HF model
+        base = config("sparse-49k" if "sparse-49k" in kinds else kinds[0], k, rounds, model)
         with local_fleet(base, prepare_data(base, domains), FleetSettings()) as fleet:
             st = Store.from_url(fleet.settings.backend_url)
             t_up = time.time()

@@ -9,6 +9,7 @@ on Ctrl-C.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import redis
 
+from broker.forked import PRELOAD, ForkedWorker, start_forked
 from broker.registry import live_queues
 from broker.settings import FleetSettings
 from broker.waiting import seconds_left, wait_for
@@ -160,14 +162,21 @@ class EmbeddedFleet:
     """A private Redis plus local workers, for one CLI invocation (or one test)."""
 
     def __init__(self, workers: list[WorkerSpec], settings: FleetSettings | None = None,
-                 workdir: str | Path | None = None, appendonly: bool = False, tls: bool = False) -> None:
+                 workdir: str | Path | None = None, appendonly: bool = False, tls: bool = False,
+                 forked: bool | None = None, preload: tuple[str, ...] = PRELOAD) -> None:
         self.specs = workers
+        self.preload = preload
+        # Workers fork from a warm fork server where the platform has one (broker/forked.py);
+        # LMTEAM_FORKED_WORKERS=0 starts each as its own `python -m cli worker` instead.
+        if forked is None:
+            forked = os.environ.get("LMTEAM_FORKED_WORKERS", "1") != "0"
+        self.forked = forked and "forkserver" in multiprocessing.get_all_start_methods()
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lmteam-"))
         self.redis = RedisServer(self.workdir, appendonly=appendonly, tls=tls)
         self.base = settings or FleetSettings()
         self.settings = self.base
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | ForkedWorker] = {}
 
     def __enter__(self) -> EmbeddedFleet:
         try:
@@ -187,16 +196,20 @@ class EmbeddedFleet:
         for spec in self.specs:
             self.start_worker(spec)
 
-    def start_worker(self, spec: WorkerSpec) -> subprocess.Popen:
+    def start_worker(self, spec: WorkerSpec) -> subprocess.Popen | ForkedWorker:
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         # Worker processes import `cli` as a module; make the checkout importable even when the
         # package is not installed (running from a source tree).
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        log = open(self.workdir / f"{spec.name}.log", "ab")
-        proc = subprocess.Popen(worker_argv(spec), env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
-        log.close()
+        log_path = self.workdir / f"{spec.name}.log"
+        if self.forked:
+            proc: subprocess.Popen | ForkedWorker = start_forked(worker_argv(spec)[3:], env, log_path, self.workdir,
+                                                                self.preload)
+        else:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(worker_argv(spec), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
         self.procs[spec.name] = proc
         return proc
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 import redis
@@ -94,6 +96,47 @@ class JobRecord:
             fields["error"] = error
         self.set(**fields)
         self.event("status", status=status.value, **({"error": error} if error else {}))
+
+    @contextmanager
+    def running(self, keep_s: int, blob_keep_s: int) -> Iterator[JobRecord]:
+        """RUNNING inside the block; then SUCCEEDED, or FAILED with the error; then retire()."""
+        self.set_status(JobStatus.RUNNING)
+        try:
+            yield self
+        except BaseException as e:
+            self.set_status(JobStatus.FAILED, error=str(e) or type(e).__name__)
+            raise
+        else:
+            self.set_status(JobStatus.SUCCEEDED)
+        finally:
+            self.retire(keep_s, blob_keep_s)
+
+    def retire(self, keep_s: int, blob_keep_s: int) -> int:
+        """A job has ended: every key it made expires in `keep_s` seconds, its blobs and any payload
+        left in `min(blob_keep_s, keep_s)` (0: now), so Redis holds finished jobs only as long as
+        asked. Ids of records gone are dropped from the job list. Returns the keys touched."""
+        blob_s = min(blob_keep_s, keep_s)
+        pipe, n = self.r.pipeline(), 0
+        for key in self.r.scan_iter(match=f"{keys.PREFIX}:*:{self.id}*", count=1000):
+            kind = key.decode().split(":")[1]
+            ttl = blob_s if kind in ("blob", "payload", "staged", "chunk") else keep_s
+            if ttl > 0:
+                pipe.expire(key, ttl)
+            else:
+                pipe.delete(key)
+            n += 1
+        pipe.execute()
+        old = [x.decode() for x in self.r.zrange(keys.JOBS, 0, 99)]
+        gone = [j for j, alive in zip(old, self._exist([keys.job(j) for j in old]), strict=True) if not alive]
+        if gone:
+            self.r.zrem(keys.JOBS, *gone)
+        return n
+
+    def _exist(self, names: list[str]) -> list[bool]:
+        pipe = self.r.pipeline()
+        for name in names:
+            pipe.exists(name)
+        return [bool(x) for x in pipe.execute()]
 
     def event(self, type_: str, **fields: object) -> None:
         """Append to the job's timeline (the raw material of the team metrics)."""

@@ -79,6 +79,11 @@ def staged_payload(job_id: str, rnd: int, node: str, token: str) -> str:
     return f"{PREFIX}:staged:{job_id}:{rnd}:{node}:{token}"
 
 
+def chunks(job_id: str, token: str) -> str:
+    """Prefix of the chunks of one value too large for one Redis string (broker/store.py)."""
+    return f"{PREFIX}:chunk:{job_id}:{token}"
+
+
 def node(job_id: str, rnd: int, node_name: str) -> str:
     return f"{PREFIX}:node:{job_id}:{rnd}:{node_name}"
 

@@ -49,6 +49,11 @@ class FleetSettings:
     heartbeat_s: float = 5.0
     """A worker beats this often; after 3 missed beats `lmteam status` shows it lost."""
     payload_keep_s: int = 0
+    job_keep_s: int = 7 * 86400
+    """How long a finished job stays in Redis: its record, events and per-round facts (`lmteam status JOB`)."""
+    blob_keep_s: int = 86400
+    """How long a finished job's blobs (students, experts, probe and eval sets) stay (0: deleted when it
+    ends); the submitter's run dir keeps the results. Serving a SmallTalk run by its job id needs them."""
     """How long a round's payloads stay once it is merged (0: deleted at the merge; more to debug)."""
     serve_batch: int = 16
     """Most prompts a serving replica generates in one forward (those queued for it when it starts one)."""
@@ -68,6 +73,8 @@ class FleetSettings:
             retry_backoff=float(_env("RETRY_BACKOFF", str(cls.retry_backoff))),
             heartbeat_s=float(_env("HEARTBEAT_S", str(cls.heartbeat_s))),
             payload_keep_s=int(_env("PAYLOAD_KEEP_S", str(cls.payload_keep_s))),
+            job_keep_s=int(_env("JOB_KEEP_S", str(cls.job_keep_s))),
+            blob_keep_s=int(_env("BLOB_KEEP_S", str(cls.blob_keep_s))),
             serve_batch=int(_env("SERVE_BATCH", str(cls.serve_batch))),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -89,6 +96,8 @@ class FleetSettings:
             raise SettingsError("LMTEAM_HARD_TIME_LIMIT must be larger than LMTEAM_SOFT_TIME_LIMIT")
         if self.max_retries < 0:
             raise SettingsError("LMTEAM_MAX_RETRIES must be >= 0")
+        if min(self.payload_keep_s, self.job_keep_s, self.blob_keep_s) < 0:
+            raise SettingsError("LMTEAM_PAYLOAD_KEEP_S, LMTEAM_JOB_KEEP_S and LMTEAM_BLOB_KEEP_S must be >= 0")
         if self.serve_batch < 1:
             raise SettingsError("LMTEAM_SERVE_BATCH must be >= 1")
         return self

@@ -9,6 +9,11 @@ Deadline discipline lives in two Lua scripts, so it is atomic inside Redis:
 - `close` seals a round once. Whatever submitted before the seal is what gets merged; a result
   that arrives after it can never change the merged output.
 Deadlines are measured on Redis's clock (TIME), the one clock every process of a fleet shares.
+
+A value over `chunk_bytes` (a full-weight SmolLM2 state is 538 MB; Redis refuses strings over
+512 MB) is written as chunks with plain SETs, and its key holds a small manifest naming them;
+readers get the joined bytes back. The payload's own signature covers the whole, so a wrong or
+missing chunk fails the payload's check like any corruption.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from broker import keys
+
+CHUNK_BYTES = 256 * 2**20  # half of Redis's largest string (proto-max-bulk-len, 512 MB)
+_CHUNKED = b"lmteam-chunked-v1\n"
 
 _SUBMIT = """
 local closed, payload, node, arrived, staged = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -74,6 +82,7 @@ class Store:
     def __init__(self, client: redis.Redis, ttl: int = 7 * 86400) -> None:
         self.r = client
         self.ttl = ttl
+        self.chunk_bytes = CHUNK_BYTES
         self._scripts: dict[str, object] = {}
         self._submit = self.lua(_SUBMIT)
         self._set_if_open = self.lua(_SET_IF_OPEN)
@@ -94,17 +103,57 @@ class Store:
         sec, usec = self.r.time()
         return sec + usec / 1e6
 
+    # values of any size ----------------------------------------------------------------------
+    def _stage(self, job: str, data: bytes) -> bytes:
+        """data itself or, past chunk_bytes, a manifest, once its chunks are written."""
+        if len(data) <= self.chunk_bytes:
+            return data
+        base, view, names = keys.chunks(job, uuid.uuid4().hex), memoryview(data), []
+        for i, at in enumerate(range(0, len(data), self.chunk_bytes)):
+            names.append(f"{base}:{i}")
+            self.r.set(names[-1], view[at:at + self.chunk_bytes], ex=self.ttl)
+        return _CHUNKED + json.dumps({"bytes": len(data), "chunks": names}).encode()
+
+    def _whole(self, value: bytes | None) -> bytes | None:
+        if value is None or not value.startswith(_CHUNKED):
+            return value
+        manifest = json.loads(value[len(_CHUNKED):])
+        parts = [self.r.get(name) for name in manifest["chunks"]]
+        if any(p is None for p in parts) or sum(map(len, parts)) != manifest["bytes"]:
+            raise RuntimeError(f"a chunked value lost chunks ({manifest['chunks'][0].rsplit(':', 1)[0]})")
+        return b"".join(parts)
+
+    def _chunk_names(self, values: list[bytes | None]) -> list[str]:
+        return [n for v in values if v and v.startswith(_CHUNKED) for n in json.loads(v[len(_CHUNKED):])["chunks"]]
+
+    def _drop_chunks(self, values: list[bytes | None]) -> None:
+        names = self._chunk_names(values)
+        if names:
+            self.r.delete(*names)
+
+    def _manifests(self, names: list[str]) -> list[bytes | None]:
+        """The manifests among these keys' values, without reading any whole value."""
+        pipe = self.r.pipeline()
+        for name in names:
+            pipe.getrange(name, 0, len(_CHUNKED) - 1)
+        chunked = [name for name, head in zip(names, pipe.execute(), strict=True) if head == _CHUNKED]
+        return self.r.mget(chunked) if chunked else []
+
     # blobs -----------------------------------------------------------------------------------
     def put_blob(self, job: str, name: str, data: bytes) -> int:
-        self.r.set(keys.blob(job, name), data, ex=self.ttl)
+        self.r.set(keys.blob(job, name), self._stage(job, data), ex=self.ttl)
         return len(data)
 
     def put_blob_once(self, job: str, name: str, data: bytes) -> bool:
         """Write unless present: a redelivered task must not overwrite what it wrote before."""
-        return bool(self.r.set(keys.blob(job, name), data, ex=self.ttl, nx=True))
+        staged = self._stage(job, data)
+        if self.r.set(keys.blob(job, name), staged, ex=self.ttl, nx=True):
+            return True
+        self._drop_chunks([staged])
+        return False
 
     def get_blob(self, job: str, name: str) -> bytes | None:
-        return self.r.get(keys.blob(job, name))
+        return self._whole(self.r.get(keys.blob(job, name)))
 
     def has_blob(self, job: str, name: str) -> bool:
         return bool(self.r.exists(keys.blob(job, name)))
@@ -115,13 +164,16 @@ class Store:
         # The payload goes in with a plain SET under a staging key, and the gate script only moves it
         # (RENAME keeps its TTL): a 100 MB payload never becomes a Lua argument Redis copies.
         staged = keys.staged_payload(job, rnd, node, uuid.uuid4().hex)
-        self.r.set(staged, data, ex=self.ttl)
+        value = self._stage(job, data)
+        self.r.set(staged, value, ex=self.ttl)
         names = [keys.closed(job, rnd), keys.payload(job, rnd, node), keys.node(job, rnd, node), keys.arrived(job, rnd),
                  staged]
         out = self._submit(keys=names, args=[f"{self.now():.6f}", self.ttl])
         out = out.decode() if isinstance(out, bytes) else str(out)
         if out == "missing":  # the staged copy expired or was evicted between the two calls
             raise RuntimeError(f"payload of {node} for {job} round {rnd} vanished before the gate took it")
+        if out != "arrived":
+            self._drop_chunks([value])
         return out
 
     def close_round(self, job: str, rnd: int) -> bool:
@@ -132,13 +184,14 @@ class Store:
         return bool(self.r.exists(keys.closed(job, rnd)))
 
     def get_payload(self, job: str, rnd: int, node: str) -> bytes | None:
-        return self.r.get(keys.payload(job, rnd, node))
+        return self._whole(self.r.get(keys.payload(job, rnd, node)))
 
     def drop_payloads(self, job: str, rnd: int, nodes: list[str], blobs: tuple[str, ...] = (),
                       keep_s: int = 0) -> None:
         """Once a round is merged its payloads (and side blobs) have done their work: delete them,
         or keep them `keep_s` seconds for debugging, so Redis does not grow with every round."""
         names = [keys.payload(job, rnd, n) for n in nodes] + [keys.blob(job, b) for b in blobs]
+        names += self._chunk_names(self._manifests(names))
         pipe = self.r.pipeline()
         for name in names:
             if keep_s > 0:

@@ -43,9 +43,9 @@ def test_step_size_endpoint_inclusive() -> None:
 
 
 def test_dither_deterministic_and_in_range() -> None:
-    """The same seed regenerates the same float64 dither in [-0.5, 0.5)."""
+    """The same seed regenerates the same float32 dither in [-0.5, 0.5)."""
     a, b, c = dither(7, (40, 50)), dither(7, (40, 50)), dither(8, (40, 50))
-    assert a.dtype == np.float64 and a.shape == (40, 50)
+    assert a.dtype == np.float32 and a.shape == (40, 50)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.min() >= -0.5 and a.max() < 0.5

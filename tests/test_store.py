@@ -104,3 +104,52 @@ def test_drop_payloads_deletes_or_keeps_for_a_while(redis_client):
     st.drop_payloads("j", 0, ["1"], keep_s=60)
     assert st.get_payload("j", 0, "1") == b"x" * 10
     assert 0 < redis_client.ttl("lmteam:payload:j:0:1") <= 60
+
+
+def _chunk_keys(r) -> list[bytes]:
+    return list(r.scan_iter(match="lmteam:chunk:*"))
+
+
+def test_values_over_the_chunk_size_travel_as_chunks(redis_client):
+    """Past chunk_bytes a blob or payload is written as chunks (no single Redis string holds it) and
+    read back whole; losing the seal race, dropping the payload or expiring a chunk leaves nothing
+    behind or fails loudly, never with truncated bytes."""
+    st = Store(redis_client, ttl=600)
+    st.chunk_bytes = 1000
+    data = bytes(range(256)) * 10  # 2,560 bytes: 3 chunks
+    st.put_blob("j", "student/0", data)
+    assert max(len(redis_client.get(k)) for k in _chunk_keys(redis_client)) <= 1000
+    assert redis_client.get("lmteam:blob:j:student/0").startswith(b"lmteam-chunked")  # only a manifest
+    assert st.get_blob("j", "student/0") == data
+    assert st.put_blob_once("j", "student/0", data[::-1]) is False and len(_chunk_keys(redis_client)) == 3
+
+    assert st.submit_payload("j", 0, "0", data) == "arrived"
+    assert st.get_payload("j", 0, "0") == data
+    assert st.submit_payload("j", 0, "0", data) == "duplicate"
+    st.close_round("j", 0)
+    assert st.submit_payload("j", 0, "1", data) == "late"
+    assert len(_chunk_keys(redis_client)) == 6  # the blob's and the arrived payload's, no more
+    st.drop_payloads("j", 0, ["0", "1"])
+    assert len(_chunk_keys(redis_client)) == 3 and st.get_payload("j", 0, "0") is None
+
+    redis_client.delete(_chunk_keys(redis_client)[0])
+    with pytest.raises(RuntimeError, match="lost chunks"):
+        st.get_blob("j", "student/0")
+
+
+def test_a_finished_job_keeps_its_record_and_drops_its_blobs(redis_client):
+    """retire(): blobs, payloads and chunks go at once with blob_keep_s = 0; the record and the
+    per-round facts get the job's retention as TTL; ids of expired records leave the job list."""
+    st = Store(redis_client, ttl=600)
+    st.chunk_bytes = 10
+    job = JobRecord.create(redis_client, "j1", "fpld", {}, {}, ttl=600)
+    st.put_blob("j1", "probe", b"p" * 25)
+    st.node_update("j1", 0, "0", status="merged")
+    redis_client.zadd("lmteam:jobs", {"gone": 0})  # a record that has expired already
+    with job.running(keep_s=60, blob_keep_s=0):
+        pass
+    assert job.get()["status"] == JobStatus.SUCCEEDED.value
+    assert st.get_blob("j1", "probe") is None and not _chunk_keys(redis_client)
+    assert 0 < redis_client.ttl("lmteam:job:j1") <= 60
+    assert 0 < redis_client.ttl("lmteam:node:j1:0:0") <= 60
+    assert list_jobs(redis_client) == ["j1"]

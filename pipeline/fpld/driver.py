@@ -22,7 +22,8 @@ from broker import keys
 from broker.app import client_app
 from broker.auth import check_fleet_secret, connect_checked
 from broker.embedded import EmbeddedFleet, WorkerSpec
-from broker.jobs import JobFailed, JobRecord, JobStatus, new_job_id
+from broker.forked import PRELOAD
+from broker.jobs import JobFailed, JobRecord, new_job_id
 from broker.registry import live_queues
 from broker.round_gate import follow_round, open_round
 from broker.settings import FleetSettings
@@ -99,7 +100,8 @@ def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, work
             path.write_bytes(shard.tobytes())
             specs.append(WorkerSpec("node", i, (str(path),)))
         specs.append(WorkerSpec("aggregator"))
-        with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly, tls=tls) as fleet:
+        preload = PRELOAD + (("workers.preload_hf",) if cfg.model else ())  # modules the fork server shares
+        with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly, tls=tls, preload=preload) as fleet:
             yield fleet
 
 
@@ -144,31 +146,27 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     st.put_blob(job_id, "probe", windows_to_bytes(data.probe))
     st.put_blob(job_id, "eval", windows_to_bytes(data.eval))
     st.put_blob(job_id, "student/0", state_bytes(initial_student(cfg)))
-    job.set_status(JobStatus.RUNNING)
     what = "FedAvg (weights)" if cfg.method == "fedavg" else f"{cfg.payload} {cfg.bits}-bit logits"
-    progress.message(f"job {job_id}: {cfg.nodes} nodes x {cfg.rounds} rounds, {what}, model "
-                     f"{cfg.model or 'built-in byte GPT'}")
     rounds, timings = [], []
-    t_job = time.time()
-    try:
-        with progress:
-            for rnd in range(cfg.rounds):
-                result, timing = _run_round(app, cfg, st, job, rnd, progress)
-                rounds.append(result)
-                timings.append(timing)
-                if result["status"] != "ok":
-                    raise JobFailed(result["error"])
-    except BaseException as e:
-        job.set_status(JobStatus.FAILED, error=str(e) or type(e).__name__)
-        raise
-    finally:
-        app.close()
-    report = build_report(cfg, settings, job_id, data, rounds, timings, st, time.time() - t_job)
-    job.set(report=report)
-    job.set_status(JobStatus.SUCCEEDED)
-    if out_dir is not None:
-        write_student(cfg, st.get_blob(job_id, f"student/{cfg.rounds}"), out_dir)
-        write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    with job.running(settings.job_keep_s, settings.blob_keep_s):
+        progress.message(f"job {job_id}: {cfg.nodes} nodes x {cfg.rounds} rounds, {what}, model "
+                         f"{cfg.model or 'built-in byte GPT'}")
+        t_job = time.time()
+        try:
+            with progress:
+                for rnd in range(cfg.rounds):
+                    result, timing = _run_round(app, cfg, st, job, rnd, progress)
+                    rounds.append(result)
+                    timings.append(timing)
+                    if result["status"] != "ok":
+                        raise JobFailed(result["error"])
+        finally:
+            app.close()
+        report = build_report(cfg, settings, job_id, data, rounds, timings, st, time.time() - t_job)
+        job.set(report=report)
+        if out_dir is not None:
+            write_student(cfg, st.get_blob(job_id, f"student/{cfg.rounds}"), out_dir)
+            write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
     return report
 
 
