@@ -44,6 +44,15 @@ def test_hf_spec_hashes_weights_and_tokenizes_past_256(tiny_llama_dir):
     assert tok.decode(ids[:12]).startswith("def main")
 
 
+@pytest.mark.parametrize("text", ["plain ascii, twice: plain ascii", "naïve café 日本語 — ünïcode 🙂 end"])
+def test_byte_lengths_add_up_to_the_texts_utf8_bytes(tiny_llama_dir, text):
+    """Per-byte perplexity divides by these: a token holding part of a UTF-8 character counts its bytes."""
+    for tok in (tokenizer_for(make_spec(str(tiny_llama_dir), block_size=32)), tokenizer_for(make_spec("", block_size=32))):
+        lengths = tok.byte_lengths()
+        assert int(lengths[tok.encode(text)].sum()) == len(text.encode("utf-8"))
+        assert len(lengths) >= tok.vocab_size - 1  # special tokens past the last merge may be absent: 0 bytes
+
+
 def test_full_state_round_trip_and_training_moves_it(tiny_llama_dir):
     spec = make_spec(str(tiny_llama_dir), block_size=32)
     ids = tokenizer_for(spec).encode("the quick brown fox jumps over the lazy dog. " * 200)

@@ -1,4 +1,4 @@
-"""The paired bootstrap behind the mixture-vs-dense confidence interval."""
+"""The paired bootstrap behind the mixture-vs-dense confidence interval; perplexity per byte."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline.smalltalk.eval import ppl_ratio_ci
+from pipeline.smalltalk.eval import ppl_per_byte, ppl_ratio_ci
 
 
 def test_identical_models_give_a_zero_width_interval():
@@ -42,3 +43,13 @@ def test_shapes_must_match():
         ppl_ratio_ci(np.zeros((4, 3)), np.zeros((4, 2)))
     with pytest.raises(ValueError):
         ppl_ratio_ci(np.zeros((0, 3)), np.zeros((0, 3)))
+
+
+def test_perplexity_per_byte_divides_the_total_loss_by_the_targets_bytes():
+    seqs = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]])  # targets: 1 2 1 / 2 0 1
+    lengths = np.array([1, 3, 2])  # bytes of tokens 0, 1, 2
+    nll = np.full((2, 3), 0.5)
+    assert ppl_per_byte(nll, seqs, lengths) == pytest.approx(math.exp(6 * 0.5 / (3 + 2 + 3 + 2 + 1 + 3)))
+    assert ppl_per_byte(nll, seqs, np.ones(3, dtype=np.int64)) == pytest.approx(math.exp(0.5))  # bytes: per token
+    with pytest.raises(ValueError):
+        ppl_per_byte(nll[:, :2], seqs, lengths)

@@ -31,10 +31,15 @@ def test_smalltalk_train_eval_generate_on_hf_model(tmp_path, tiny_llama_dir):
     s = report["summary"]
     assert 1 < s["mixture_ppl"] < vocab and 1 < s["dense_ppl"] < vocab
     assert report["flops"]["router_to_expert_params"] < 1.0
+    # Per byte, so runs with different tokenizers compare: a BPE token holds more than one byte.
+    assert s["bytes_per_token"] > 1 and 1 < s["mixture_ppl_per_byte"] < s["mixture_ppl"]
+    assert 1 < s["dense_ppl_per_byte"] < s["dense_ppl"]
 
     result = CliRunner().invoke(main, ["smalltalk", "eval", str(out), "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["ppl"] == pytest.approx(s["mixture_ppl"], rel=1e-4)
+    ev = json.loads(result.output)
+    assert ev["ppl"] == pytest.approx(s["mixture_ppl"], rel=1e-4)
+    assert ev["ppl_per_byte"] == pytest.approx(s["mixture_ppl_per_byte"], rel=1e-4)
     result = CliRunner().invoke(main, ["generate", str(out), "--prompt", "def main(self):", "--max-new", "5",
                                        "--temperature", "0"], catch_exceptions=False)
     assert result.exit_code == 0 and "def main(self):" in result.output, result.output

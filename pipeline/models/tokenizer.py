@@ -21,6 +21,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: np.ndarray | list[int]) -> str: ...
 
+    def byte_lengths(self) -> np.ndarray: ...
+
 
 class ByteTokenizer:
     """One token per UTF-8 byte: no file to ship, nothing to download."""
@@ -39,6 +41,9 @@ class ByteTokenizer:
         if arr.size and (arr.min() < 0 or arr.max() >= 256):
             raise ValueError(f"token ids must be in [0, 256), got {arr.min()}..{arr.max()}")
         return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def byte_lengths(self) -> np.ndarray:
+        return np.ones(256, dtype=np.int64)
 
 
 class HFTokenizer:
@@ -66,3 +71,22 @@ class HFTokenizer:
 
     def decode(self, ids: np.ndarray | list[int]) -> str:
         return self.hf.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for (special tokens: 0), so that losses can be
+        compared per byte across tokenizers. Exact for byte-level BPE; for other tokenizers
+        (SentencePiece) a token decoded alone may lose its leading space, so the count is close."""
+        from tokenizers import pre_tokenizers
+
+        vocab = self.hf.get_vocab()
+        out = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+        special = set(self.hf.all_special_ids)
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        byte_level = all(set(t) <= alphabet for t, i in vocab.items() if i not in special)
+        for token, i in vocab.items():
+            if i in special:
+                continue
+            # Byte-level BPE (GPT-2 style): one alphabet character per byte, and a token may hold
+            # part of a UTF-8 character, which decoding it alone would turn into U+FFFD.
+            out[i] = len(token) if byte_level else len(self.hf.convert_tokens_to_string([token]).encode("utf-8"))
+        return out

@@ -36,7 +36,7 @@ from broker.waiting import seconds_left, wait_for
 from broker.wire.codec import PayloadError
 from pipeline.data import windows_to_bytes
 from pipeline.models.checkpoint import load_model
-from pipeline.models.lm import vocab_size
+from pipeline.models.lm import tokenizer_for, vocab_size
 from pipeline.models.spec import make_spec
 from pipeline.smalltalk.config import DENSE, KIND, SmallTalkConfig
 from pipeline.smalltalk.data import (
@@ -212,7 +212,9 @@ def _score(c: _Ctx, rnd: int, index: np.ndarray) -> tuple[np.ndarray, int]:
 def _stage2(c: _Ctx) -> dict[str, dict]:
     """Experts (and the dense model) as independent tasks; finished ones in the run dir are reused."""
     cfg, run, st, jid, rnd = c.cfg, c.run, c.st, c.job.id, c.cfg.em_rounds
-    names = cfg.expert_names + ([DENSE] if cfg.dense else [])
+    # The dense model first: it trains E x an expert's steps, so a worker that starts it while the
+    # others take the experts finishes with them, where sent last it would run alone at the end.
+    names = ([DENSE] if cfg.dense else []) + cfg.expert_names
     nodes = {n: (DENSE if n == DENSE else f"expert{n}") for n in names}
     todo = []
     for name in names:
@@ -303,7 +305,8 @@ def build_report(c: _Ctx, em: list[dict], tasks: dict[str, dict], wall_s: float,
     routers, experts, dense = load_models(c.run, cfg)
     final = c.run.load_assignments()[cfg.em_rounds]
     clusters = cluster_stats(final, data.labels, data.domains, cfg.experts)
-    ev = evaluate_mixture(experts, routers, data.eval, data.eval_labels, data.domains, cfg.prefix, dense)
+    ev = evaluate_mixture(experts, routers, data.eval, data.eval_labels, data.domains, cfg.prefix, dense,
+                          byte_lengths=tokenizer_for(cfg.expert_spec()).byte_lengths())
     fl = flops(cfg, experts[0], routers[0], sum(r["scored"] for r in em))
     summary = {
         "mixture_ppl": ev["ppl"], "dense_ppl": ev.get("dense_ppl"),
@@ -311,6 +314,8 @@ def build_report(c: _Ctx, em: list[dict], tasks: dict[str, dict], wall_s: float,
         "ppl_change_ci95": ev.get("ppl_change_ci95"),
         "mixture_ppl_after_prefix": ev["ppl_after_prefix"], "dense_ppl_after_prefix": ev.get("dense_ppl_after_prefix"),
         "oracle_ppl": ev["oracle_ppl"], "purity": clusters["purity"],
+        "mixture_ppl_per_byte": ev["ppl_per_byte"], "dense_ppl_per_byte": ev.get("dense_ppl_per_byte"),
+        "bytes_per_token": ev["bytes_per_token"],
         "routing_cost_fraction": fl["routing_cost_fraction"], "train_flops_mixture": fl["train_flops_mixture"],
         "train_flops_dense": fl["train_flops_dense"], "train_overhead_vs_dense": fl["train_overhead_vs_dense"],
     }

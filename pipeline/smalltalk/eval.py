@@ -39,6 +39,19 @@ def _ppl(nll: np.ndarray) -> float:
     return float(math.exp(nll.mean())) if nll.size else float("nan")
 
 
+def ppl_per_byte(nll: np.ndarray, seqs: torch.Tensor, byte_lengths: np.ndarray) -> float:
+    """exp(total nats / total bytes) of the predicted tokens: perplexity per UTF-8 byte.
+
+    nll is (N, T) per-token losses on seqs (N, T+1); the targets are seqs[:, 1:]. Per-token
+    perplexity depends on how much text a token holds, so only this compares across tokenizers
+    (a byte model's per-token perplexity is already per byte)."""
+    targets = np.asarray(seqs[:, 1:], dtype=np.int64)
+    nbytes = int(np.asarray(byte_lengths)[targets].sum())
+    if nll.shape != targets.shape or nbytes == 0:
+        raise ValueError(f"need (N, T) losses for (N, T+1) sequences holding text, got {nll.shape} and {targets.shape}")
+    return float(math.exp(float(np.sum(nll)) / nbytes))
+
+
 def ppl_ratio_ci(nll_a: np.ndarray, nll_b: np.ndarray, level: float = 0.95, draws: int = 2000,
                  seed: int = 0) -> tuple[float, float]:
     """Paired bootstrap over sequences: a confidence interval for ppl(a) / ppl(b) - 1.
@@ -60,13 +73,14 @@ def ppl_ratio_ci(nll_a: np.ndarray, nll_b: np.ndarray, level: float = 0.95, draw
 
 def evaluate_mixture(experts: list[GPT], routers: list[GPT], seqs: torch.Tensor, labels: np.ndarray,
                      domains: list[str], prefix: int, dense: GPT | None = None,
-                     routing: np.ndarray | None = None) -> dict:
+                     routing: np.ndarray | None = None, byte_lengths: np.ndarray | None = None) -> dict:
     """Perplexity of prefix-routed experts (one expert per sequence) and of the dense model.
 
     `ppl` scores every token, the routing prefix too (as the paper appears to); `ppl_after_prefix`
     only tokens the router never saw, which removes the at most log2(E) bits routing could leak.
     `oracle_ppl` routes each sequence to the expert best on the whole sequence: a bound on routing.
-    Pass `routing` (an expert per sequence) to evaluate another router (random, TF-IDF).
+    Pass `routing` (an expert per sequence) to evaluate another router (random, TF-IDF), and
+    `byte_lengths` (the tokenizer's, by id) to get perplexity per byte as well.
     """
     if routing is None:
         routing = route(prefix_losses(routers, seqs, prefix))
@@ -89,6 +103,11 @@ def evaluate_mixture(experts: list[GPT], routers: list[GPT], seqs: torch.Tensor,
         out["dense_ppl_after_prefix"] = _ppl(dense_nll[:, after])
         out["ppl_change"] = out["ppl"] / out["dense_ppl"] - 1.0
         out["ppl_change_ci95"] = list(ppl_ratio_ci(mixed, dense_nll))
+    if byte_lengths is not None:
+        out["bytes_per_token"] = float(np.asarray(byte_lengths)[np.asarray(seqs[:, 1:])].mean())
+        out["ppl_per_byte"] = ppl_per_byte(mixed, seqs, byte_lengths)
+        if dense_nll is not None:
+            out["dense_ppl_per_byte"] = ppl_per_byte(dense_nll, seqs, byte_lengths)
     for d, name in enumerate(domains):
         rows = labels == d
         entry = {"sequences": int(rows.sum()), "ppl": _ppl(mixed[rows]),

@@ -59,7 +59,8 @@ def evaluate_run(path: Path, prefix: int | None = None, corpus: list[str] | None
         if r.config.block_size < prefix - 1:
             raise CorpusError(f"routers of this run score at most {r.config.block_size + 1} tokens; --prefix {prefix} "
                               "is longer")
-    out = evaluate_mixture(experts, routers, evals, labels, names, prefix, dense)
+    out = evaluate_mixture(experts, routers, evals, labels, names, prefix, dense,
+                           byte_lengths=tokenizer_for(cfg.expert_spec()).byte_lengths())
     return {"run": str(path), "job": meta.get("job"), "experts": cfg.experts, "train_prefix": cfg.prefix, **out}
 
 
