@@ -171,3 +171,21 @@ def test_expert_training_resumed_from_a_checkpoint_matches_an_uninterrupted_run(
     assert len(losses) == 10  # only the steps after the checkpoint
     for a, b in zip(full.state_dict().values(), state.model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_run_too_short_for_the_mixture_to_win_says_so_before_and_after_training():
+    """A newcomer's first run (the defaults) must not read as the method failing."""
+    from pipeline.smalltalk.cli import _say_after, _say_what_it_will_show
+
+    said: list[str] = []
+    short = _say_what_it_will_show(SmallTalkConfig().validate(), said.append)
+    assert short is not None and short < 50 and len(said) == 1
+    assert "not that it wins" in said[0] and "worse than the dense model's" in said[0] and "--help" in said[0]
+    long_run = SmallTalkConfig(n_layer=1, n_head=2, n_embd=32, expert_steps=6000).validate()  # bench/smalltalk.py's
+    assert _say_what_it_will_show(long_run, said.append) is None and len(said) == 1
+    runner = CliRunner()
+    with runner.isolation() as (out, _, _):
+        _say_after({"summary": {"ppl_change": 0.6}}, short)
+        _say_after({"summary": {"ppl_change": -0.04}}, short)
+        _say_after({"summary": {"ppl_change": 0.6}}, None)
+    assert out.getvalue().decode().count("As noted before training") == 1

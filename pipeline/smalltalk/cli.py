@@ -118,8 +118,7 @@ def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_
     sigterm_unwinds()
     watch = _Bars(cfg) if not quiet else _no_bars
     say = click.echo if not quiet else _no_say
-    if cfg.dense and not cfg.model:
-        _say_what_it_will_show(cfg, say)
+    short = _say_what_it_will_show(cfg, say) if cfg.dense and not cfg.model else None
     try:
         report = run_smalltalk(cfg, settings, out, say=say, watch=watch, threads=threads, job_id=job_id,
                                expert_workers=workers)
@@ -127,6 +126,7 @@ def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_
         if isinstance(watch, _Bars):
             watch.close()
     print_report(report)
+    _say_after(report, short)
     click.echo(f"run: {out}  (lmteam smalltalk eval {out}; lmteam generate {out} --prompt ...)")
 
 
@@ -281,17 +281,28 @@ def serve(run, replicas, threads) -> None:
                 click.echo(f"replicas not answering: {', '.join(gone)}", err=True)
 
 
-def _say_what_it_will_show(cfg, say) -> None:
-    """Before training: a newcomer must not read a losing mixture as the method failing."""
+def _say_what_it_will_show(cfg, say) -> float | None:
+    """Before training: a newcomer must not read a losing mixture as the method failing. Returns the
+    tokens per parameter when the run is too short for the mixture to win (None otherwise)."""
     from pipeline.smalltalk.steps import CAPACITY_BOUND_TOKENS_PER_PARAM, tokens_per_param
 
     tpp = tokens_per_param(cfg)
-    if tpp < CAPACITY_BOUND_TOKENS_PER_PARAM:
-        say(f"note: each expert trains on ~{tpp:.0f} tokens per parameter here. Below ~"
-            f"{CAPACITY_BOUND_TOKENS_PER_PARAM} the dense model of the same FLOPs wins (more steps on one model "
-            "beat specialising until it runs out of capacity), so this run shows the mechanics (EM routers, "
-            "independent experts, prefix routing), not the mixture's gain. The setting where the mixture wins "
-            "is in `lmteam smalltalk train --help` (about 10 minutes on 2 cores).")
+    if tpp >= CAPACITY_BOUND_TOKENS_PER_PARAM:
+        return None
+    say(f"note: this run shows how SmallTalk works (EM routers splitting the text, experts trained as "
+        f"independent tasks, prefix routing), not that it wins. Expect the mixture's perplexity to be worse than "
+        f"the dense model's: each expert trains on ~{tpp:.0f} tokens per parameter, and below ~"
+        f"{CAPACITY_BOUND_TOKENS_PER_PARAM} the dense model of the same training FLOPs wins (more steps on one "
+        "model beat specialising until it runs out of capacity; bench/smalltalk.py). A setting where the mixture "
+        "wins is in `lmteam smalltalk train --help` (about 10 minutes on 2 cores).")
+    return tpp
+
+
+def _say_after(report: dict, short: float | None) -> None:
+    s = report["summary"]
+    if short is not None and s.get("ppl_change") is not None and s["ppl_change"] > 0:
+        click.echo(f"As noted before training: at ~{short:.0f} tokens per parameter the dense model wins; this run "
+                   "demonstrates the mechanics only (see `lmteam smalltalk train --help` for a winning setting).")
 
 
 def print_report(report: dict) -> None:
@@ -310,6 +321,8 @@ def print_report(report: dict) -> None:
             f" (95% CI over held-out sequences {100 * ci[0]:+.2f}% .. {100 * ci[1]:+.2f}%)" if ci else ""))
         t.add_row("after the prefix: mixture / dense",
                   f"{s['mixture_ppl_after_prefix']:.3f} / {s['dense_ppl_after_prefix']:.3f}")
+    if s.get("mixture_ppl_per_byte") is not None and cfg.get("vocab_size", 256) != 256:
+        t.add_row("per byte: mixture / dense", f"{s['mixture_ppl_per_byte']:.4f} / {_num(s.get('dense_ppl_per_byte'))}")
     t.add_row("oracle routing perplexity", f"{s['oracle_ppl']:.3f}")
     t.add_row("training FLOPs mixture / dense", f"{fl['train_flops_mixture']:.3e} / {fl['train_flops_dense']:.3e}")
     t.add_row("routing cost / one expert's inference", f"{100 * fl['routing_cost_fraction']:.2f}%")
