@@ -103,17 +103,22 @@ class RedisPeak:
         return self.peak / 2**20
 
 
-def overheads(report: dict) -> list[float]:
-    out = []
+def overheads(report: dict) -> tuple[list[float], list[float], list[float]]:
+    """Per counted round: the overhead as the issue defines it, the aggregator's merge (decode and
+    fold every payload) and its own learning work (one distillation step and the student's eval,
+    which Flower's rows do not do)."""
+    over, merge, learn = [], [], []
     for r in report["rounds"][1:]:
         merged = [n for n, s in r["nodes"].items() if s["status"] == "merged"]
         slowest = max(sum(float(r["node_metrics"][n].get(t, 0) or 0) for t in COMPUTE) for n in merged)
-        out.append(r["round_s"] - slowest)
-    return out
+        over.append(r["round_s"] - slowest)
+        merge.append(float(r.get("t_merge", "nan")))
+        learn.append(float(r.get("t_learn", "nan")))
+    return over, merge, learn
 
 
 def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | None) -> list[dict]:
-    domains = default_corpus(max_bytes_per_domain=60_000)
+    domains = default_corpus(max_bytes_per_domain=400_000)  # 64 private shards of at least a few KB
     rows = []
     for k in nodes:
         # the fleet's fork server preloads transformers when any of the runs uses the HF model
@@ -130,7 +135,7 @@ def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | N
                 rep = drive(cfg, fleet.settings, prepare_data(cfg, domains))
                 wall = time.time() - t0
                 redis_mb = redis_peak.stop()
-                over = overheads(rep)
+                over, merge, learn = overheads(rep)
                 node_pss = [pss_mb(fleet.procs[f"node{i}"].pid) for i in range(k)]
                 fleet_pss = sum(pss_mb(p.pid) for p in fleet.procs.values()) + pss_mb(fleet.redis.proc.pid)
                 last = rep["rounds"][-1]
@@ -138,6 +143,8 @@ def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | N
                        "payload_values_per_node": int(np.prod(SHAPES[kind])),
                        "payload_bytes": int(next(iter(last["node_metrics"].values()))["payload_bytes"]),
                        "round_overhead_s": statistics.median(over), "round_overhead_s_all": over,
+                       "aggregator_merge_s": statistics.median(merge), "aggregator_learn_s": statistics.median(learn),
+                       "overhead_less_learning_s": statistics.median(o - x for o, x in zip(over, learn, strict=True)),
                        "round_s_median": statistics.median(r["round_s"] for r in rep["rounds"][1:]),
                        "merged_per_round": [sum(s["status"] == "merged" for s in r["nodes"].values())
                                             for r in rep["rounds"]],
@@ -147,41 +154,46 @@ def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | N
                        "fleet_pss_mb": fleet_pss, "rounds_counted": len(over), "wall_s": wall}
                 rows.append(row)
                 print(f"K={k:3d} {kind:10s} {row['payload_bytes']:>9,} B  overhead {row['round_overhead_s']:.3f}s  "
+                      f"(merge {row['aggregator_merge_s']:.3f}s, distill+eval {row['aggregator_learn_s']:.3f}s)  "
                       f"round {row['round_s_median']:.3f}s  aggregator peak {row['aggregator_peak_rss_mb']:.0f} MB  "
                       f"redis peak {redis_mb:.1f} MB  node PSS {statistics.median(node_pss):.0f}/{max(node_pss):.0f} MB  "
                       f"fleet PSS {fleet_pss / 1024:.2f} GB", flush=True)
     return rows
 
 
-def merge_cost_rows(model: Path | None, kinds: list[str]) -> list[dict]:
-    """Decode + fold of one payload into the running sum, in-process: the aggregator's cost per node."""
+def merge_cost_rows(kinds: list[str]) -> list[dict]:
+    """Decode + fold of one payload into the running sum, in-process: the aggregator's cost per node
+    (pipeline/fpld/merge.py's path: RunningMean for dense logits, SparseLogprobMean for sparse)."""
     from broker.wire.codec import decode_logits, encode_logits
-    from broker.wire.sparse import decode_sparse_logits, encode_sparse_logits, rebuild_logprobs
+    from broker.wire.sparse import decode_sparse_logits, encode_sparse_logits
+    from broker.wire.sparse_rebuild import SparseLogprobMean
     from pipeline.aggregate import RunningMean
 
     rng, key, out = np.random.default_rng(0), b"k" * 32, []
     for kind in kinds:
         shape = SHAPES[kind]
         logits = rng.normal(0, 3, size=shape).astype(np.float32)
-        if kind == "dense-1MB":
-            wire = encode_logits(logits, secret=key, job="j", round=0, node="0", bits=8)
+        if kind == "dense-1MB":  # as a node sends it: 8 bits, clip 10, dithered
+            wire = encode_logits(logits, secret=key, job="j", round=0, node="0", bits=8, clip=10.0, dither_seed=1)
+            acc = RunningMean()
 
-            def fold(acc: RunningMean, wire: bytes = wire) -> None:
+            def fold(wire: bytes = wire, acc=acc) -> None:
                 acc.add(decode_logits(wire, secret=key, max_bytes=1 << 30)[0])
         else:
-            wire = encode_sparse_logits(logits, secret=key, job="j", round=0, node="0", k=64, bits=8)
-            reference = logits + rng.normal(0, 1, size=shape).astype(np.float32)
+            wire = encode_sparse_logits(logits, secret=key, job="j", round=0, node="0", k=64, bits=8, dither_seed=1)
+            acc = SparseLogprobMean(logits + rng.normal(0, 1, size=shape).astype(np.float32))
 
-            def fold(acc: RunningMean, wire: bytes = wire, reference: np.ndarray = reference) -> None:
-                acc.add(rebuild_logprobs(decode_sparse_logits(wire, secret=key, max_bytes=1 << 30)[0], reference))
-        acc, times = RunningMean(), []
-        for _ in range(5):
+            def fold(wire: bytes = wire, acc=acc) -> None:
+                acc.add(decode_sparse_logits(wire, secret=key, max_bytes=1 << 30)[0])
+        times = []
+        for _ in range(7):
             t = time.perf_counter()
-            fold(acc)
+            fold()
             times.append(time.perf_counter() - t)
+        cost = statistics.median(times)
         out.append({"payload": kind, "payload_bytes": len(wire), "payload_values_per_node": int(np.prod(shape)),
-                    "decode_and_fold_s": statistics.median(times), "payloads_per_s": 1 / statistics.median(times)})
-        print(f"merge cost {kind:10s} {len(wire):>9,} B: {statistics.median(times) * 1e3:.1f} ms per payload", flush=True)
+                    "decode_and_fold_s": cost, "payloads_per_s": 1 / cost})
+        print(f"merge cost {kind:10s} {len(wire):>9,} B: {cost * 1e3:.1f} ms per payload", flush=True)
     return out
 
 
@@ -197,7 +209,7 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
         model = wide_vocab_model(Path(tmp)) if "sparse-49k" in args.payloads else None
-        merge_cost = merge_cost_rows(model, args.payloads)
+        merge_cost = merge_cost_rows(args.payloads)
         rows = lmteam_rows(args.nodes, args.payloads, args.rounds, model)
     if not args.no_flower:
         from bench.flower_baseline import flower_rows

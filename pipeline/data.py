@@ -272,8 +272,17 @@ def split_domain(
         raise ValueError(f"need probe_frac, eval_frac >= 0 and sum < 1, got {probe_frac}, {eval_frac}")
     n = len(tokens)
     n_probe, n_eval = int(n * probe_frac), int(n * eval_frac)
-    n_train = n - n_probe - n_eval
-    return tokens[:n_train], tokens[n_train : n_train + n_probe], tokens[n_train + n_probe :]
+    a = char_start(tokens, n - n_probe - n_eval)
+    b = char_start(tokens, n - n_eval)
+    return tokens[:a], tokens[a:b], tokens[b:]
+
+
+def char_start(data: np.ndarray, i: int) -> int:
+    """The first index >= i that starts a UTF-8 character: cutting text there leaves every part
+    valid UTF-8 (a node worker refuses a private file that is not)."""
+    while 0 < i < len(data) and (int(data[i]) & 0xC0) == 0x80:
+        i += 1
+    return i
 
 
 def assign_shards(train_parts: list[np.ndarray], k: int) -> list[np.ndarray]:
@@ -293,7 +302,8 @@ def assign_shards(train_parts: list[np.ndarray], k: int) -> list[np.ndarray]:
         if not owners:
             shards[d % k].append(part)
             continue
-        for node, piece in zip(owners, np.array_split(part, len(owners)), strict=True):
+        cuts = [char_start(part, len(part) * j // len(owners)) for j in range(1, len(owners))]
+        for node, piece in zip(owners, np.split(part, cuts), strict=True):
             shards[node].append(piece)
     return [np.concatenate(s) if len(s) > 1 else s[0] for s in shards]
 

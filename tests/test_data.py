@@ -116,7 +116,7 @@ def test_default_corpus_four_distinct_domains():
 
 def test_split_domain_contiguous_disjoint():
     """train, probe and eval are consecutive, disjoint and cover the domain."""
-    tokens = np.arange(1000) % 256
+    tokens = np.arange(1000) % 128  # ASCII: every byte starts a character
     train, probe, ev = split_domain(tokens, probe_frac=0.1, eval_frac=0.05)
     assert (len(train), len(probe), len(ev)) == (850, 100, 50)
     assert np.array_equal(np.concatenate([train, probe, ev]), tokens)
@@ -180,3 +180,14 @@ def test_windows_too_short():
     """Text shorter than one window raises CorpusError."""
     with pytest.raises(CorpusError, match="shorter"):
         windows(np.zeros(10, np.uint8), block_size=10)
+
+
+def test_splits_and_shards_cut_between_utf8_characters():
+    """Private shards are text files a node worker checks: no cut may fall inside a character."""
+    from pipeline.data import assign_shards, encode, split_domain
+
+    tokens = encode("é€😀 " * 3000)  # 2-, 3- and 4-byte characters
+    parts = split_domain(tokens)
+    for shard in assign_shards([parts[0]], 64) + list(parts):
+        shard.tobytes().decode("utf-8")  # raises on a cut character
+    assert sum(map(len, parts)) == len(tokens)

@@ -83,11 +83,13 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
     def fold(node: str, payload: bytes) -> tuple[None, int]:
         return None, merge.fold(node, payload, st.get_blob(job_id, f"diag/{rnd}/{node}"))
 
+    t_merge = time.perf_counter()
     _, final = classify_nodes(st, job_id, rnd, seal.states, fold)
+    t_merge = time.perf_counter() - t_merge
     for node, v in final.items():
         st.node_update(job_id, rnd, node, final=v["status"])
     result: dict = {"round": rnd, "nodes": final, "merged": merge.count, "open_s": seal.open_s,
-                    "sealed_at": seal.sealed_at}
+                    "sealed_at": seal.sealed_at, "t_merge": t_merge}
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         job.event("round_failed", round=rnd, error=error)
@@ -96,6 +98,7 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
     def progress(step: int, loss: float) -> None:
         st.node_update(job_id, rnd, "aggregator", step=step, loss=round(loss, 4))
 
+    t_learn = time.perf_counter()  # the aggregator's own learning work: averaging or distillation, and eval
     if cfg.method == "fedavg":
         st.node_update(job_id, rnd, "aggregator", status=f"averaging {merge.count} nodes' weights")
         new, metrics = average_weights(cfg, student, merge.teacher.means(), eval_windows, device)
@@ -104,7 +107,8 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
         new, metrics = merge_and_distill(cfg, job=job_id, rnd=rnd, student=student, teacher=merge.teacher.mean(),
                                          probe=probe, eval_windows=eval_windows, full_teacher=merge.full_teacher(),
                                          progress=progress, device=device)
+    t_learn = time.perf_counter() - t_learn
     st.put_blob_once(job_id, f"student/{rnd + 1}", new)
     st.node_update(job_id, rnd, "aggregator", status="done", final="merged")
     job.event("round_merged", round=rnd, merged=merge.count)
-    return {**result, "status": "ok", "finished_at": time.time(), **metrics}
+    return {**result, "status": "ok", "finished_at": time.time(), "t_learn": t_learn, **metrics}
