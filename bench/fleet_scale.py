@@ -4,10 +4,10 @@ K node workers on an embedded fleet (one machine, one torch thread each), each d
 nothing (one training step) and returning one of two payloads:
 
 - dense-1MB: 4,096 probe positions x 256 logits of the built-in byte model at 8 bits (1 MB);
-- sparse-49k: a real-vocabulary sparse payload: 512 probe positions of a model whose output is
-  SmolLM2's 49,152 tokens wide (a 1-layer, 16-wide Llama made here, so 64 of them fit), top-64
-  ids and 8-bit log-probs per position. The aggregator rebuilds each node's full 512 x 49,152
-  distribution to merge it, which is what a real sparse merge costs.
+- sparse-49k: a real-vocabulary sparse payload: 128 probe positions of a model whose output is
+  SmolLM2's 49,152 tokens wide (a 1-layer, 16-wide Llama made here), top-64 ids and 8-bit
+  log-probs per position. 128, not 512 positions: at 512, 64 nodes each held ~450 MB more
+  (probe logits and their workspace) and the 24 GB machine ran out of memory.
 
 Per round: round_overhead_s = (dispatch -> merged result) - the slowest node's own compute
 (training, probe logits, encoding, evaluation, as its task records them; fetching inputs and
@@ -56,7 +56,7 @@ COMPUTE = ("t_train", "t_logits", "t_encode", "t_eval")  # a node's own work, as
 BLOCK = 64
 REAL_VOCAB = 49_152  # SmolLM2's
 PAYLOADS = ("dense-1MB", "sparse-49k")
-SHAPES = {"dense-1MB": (4096, 256), "sparse-49k": (512, REAL_VOCAB)}
+SHAPES = {"dense-1MB": (4096, 256), "sparse-49k": (128, REAL_VOCAB)}
 
 
 def wide_vocab_model(folder: Path) -> Path:
@@ -214,8 +214,12 @@ def main() -> None:
     if not args.no_flower:
         from bench.flower_baseline import flower_rows
 
-        rows += flower_rows(args.nodes, {p: SHAPES[p] for p in args.payloads}, rounds=10,
-                            deployment=not args.no_deployment)
+        # Flower's clients return the bytes our nodes send: the dense payload's 4,096 x 256 codes
+        # as uint8; for the sparse one, an array of its size on the wire (ids, codes and row params).
+        wire = {m["payload"]: m["payload_bytes"] for m in merge_cost}
+        same = {p: ((4096, 256), "uint8") if p == "dense-1MB" else ((SHAPES[p][0], wire[p] // SHAPES[p][0]), "uint8")
+                for p in args.payloads}
+        rows += flower_rows(args.nodes, same, rounds=10, deployment=not args.no_deployment)
     out = {"rows": rows, "merge_cost": merge_cost, "machine": "shared 2-core CPU machine, 23 GB; fleets on loopback",
            "wall_s": time.time() - t0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
