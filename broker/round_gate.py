@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from celery import Celery
@@ -65,6 +67,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then retur
 return redis.call('GET', KEYS[1]) == ARGV[1] and 1 or 0
 """
 
+MERGE_THREADS = min(4, os.cpu_count() or 1)  # payloads fetched and decoded at once by a merge
 FINAL = ("arrived", "failed")  # a node in one of these has done its part of the round
 
 
@@ -146,11 +149,20 @@ def classify_nodes(st: Store, job_id: str, rnd: int, states: dict[str, dict],
     """(decoded value per merged node, final record per node: status, bytes or reason, retries)."""
     decoded: dict[str, object] = {}
     final: dict[str, dict] = {}
+
+    def fetch_and_decode(node: str) -> tuple[object, int]:
+        return decode(node, st.get_payload(job_id, rnd, node) or b"")
+
+    # A few threads fetch and decode at once (hashing, dequantizing and Redis reads release the
+    # GIL): at most MERGE_THREADS payloads are in memory, and `decode` must be thread-safe.
+    arrived = [n for n, s in states.items() if s.get("status") == "arrived"]
+    with ThreadPoolExecutor(max_workers=min(MERGE_THREADS, max(1, len(arrived)))) as pool:
+        pending = {n: pool.submit(fetch_and_decode, n) for n in arrived}
     for node, state in states.items():
         status = state.get("status")
         if status == "arrived":
             try:
-                decoded[node], nbytes = decode(node, st.get_payload(job_id, rnd, node) or b"")
+                decoded[node], nbytes = pending[node].result()
                 final[node] = {"status": NodeStatus.MERGED.value, "bytes": nbytes}
             except PayloadError as e:
                 final[node] = {"status": NodeStatus.REJECTED.value, "reason": str(e)}

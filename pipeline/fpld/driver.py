@@ -202,6 +202,8 @@ def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int
                           shadow=f"fpld aggregate r{rnd} {job.id}")
     if result is None:
         raise JobFailed(f"round {rnd}: no result from the aggregator (is an aggregator worker running?)")
+    if "nodes" not in result:  # the aggregator failed before it classified the nodes
+        raise JobFailed(str(result.get("error") or f"round {rnd}: the aggregator ended it {result.get('status')}"))
     states = st.round_nodes(job.id, rnd, nodes)
     progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"]))
     spans = [NodeSpan(n, float(s["started_at"]), float(s["finished_at"]), int(s.get("payload_bytes", 0)),

@@ -11,6 +11,8 @@ running mean at once, so memory does not grow with the number of nodes.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from broker.wire.codec import decode_logits
@@ -37,29 +39,33 @@ class RoundMerge:
         else:
             self.teacher = RunningMean()
         self.full = RunningMean()  # --measure-teacher-kl: the float32 side channel, same nodes
+        self._lock = threading.Lock()
 
     @property
     def count(self) -> int:
         return self.teacher.count
 
     def fold(self, node: str, payload: bytes, diagnostic: bytes | None = None) -> int:
-        """Decode and add one node's payload; returns its size on the wire. Raises PayloadError."""
+        """Decode and add one node's payload; returns its size on the wire. Raises PayloadError.
+        Thread-safe: payloads decode in parallel, and only the additions take turns."""
         expect = {"expect_job": self.job, "expect_round": self.rnd, "expect_node": node}
         if self.cfg.method == "fedavg":
-            _, tensors = decode_weights(payload, secret=self.secret, max_bytes=self.max_bytes, **expect)
-            self.teacher.add(tensors)
-            return len(payload)
-        if self.cfg.payload == "sparse":
-            sparse, meta = decode_sparse_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
-                                                expect_shape=self.shape, **expect)
-            self.teacher.add(sparse)
+            _, value = decode_weights(payload, secret=self.secret, max_bytes=self.max_bytes, **expect)
+            nbytes = len(payload)
+        elif self.cfg.payload == "sparse":
+            value, meta = decode_sparse_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
+                                               expect_shape=self.shape, **expect)
+            nbytes = meta.nbytes
         else:
-            x, meta = decode_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
-                                    expect_shape=self.shape, **expect)
-            self.teacher.add(x)
-        if diagnostic is not None:
-            self.full.add(decode_logits(diagnostic, secret=self.secret, max_bytes=1 << 40)[0])
-        return meta.nbytes
+            value, meta = decode_logits(payload, secret=self.secret, max_bytes=self.max_bytes,
+                                        expect_shape=self.shape, **expect)
+            nbytes = meta.nbytes
+        full = decode_logits(diagnostic, secret=self.secret, max_bytes=1 << 40)[0] if diagnostic is not None else None
+        with self._lock:
+            self.teacher.add(value)
+            if full is not None:
+                self.full.add(full)
+        return nbytes
 
     def full_teacher(self) -> np.ndarray | None:
         """The full-precision teacher of the same nodes, when every merged node sent one."""
