@@ -103,18 +103,20 @@ class RedisPeak:
         return self.peak / 2**20
 
 
-def overheads(report: dict) -> tuple[list[float], list[float], list[float]]:
+def overheads(report: dict) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per counted round: the overhead as the issue defines it, the aggregator's merge (decode and
-    fold every payload) and its own learning work (one distillation step and the student's eval,
-    which Flower's rows do not do)."""
-    over, merge, learn = [], [], []
+    fold every payload), its own learning work (one distillation step and the student's eval,
+    which Flower's rows do not do), and the nodes' compute summed: past 2 nodes they take turns on
+    this machine's 2 cores, and all but the slowest one's compute counts as overhead."""
+    over, merge, learn, total = [], [], [], []
     for r in report["rounds"][1:]:
         merged = [n for n, s in r["nodes"].items() if s["status"] == "merged"]
-        slowest = max(sum(float(r["node_metrics"][n].get(t, 0) or 0) for t in COMPUTE) for n in merged)
-        over.append(r["round_s"] - slowest)
+        compute = [sum(float(r["node_metrics"][n].get(t, 0) or 0) for t in COMPUTE) for n in merged]
+        over.append(r["round_s"] - max(compute))
         merge.append(float(r.get("t_merge", "nan")))
         learn.append(float(r.get("t_learn", "nan")))
-    return over, merge, learn
+        total.append(sum(compute))
+    return over, merge, learn, total
 
 
 def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | None) -> list[dict]:
@@ -135,7 +137,7 @@ def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | N
                 rep = drive(cfg, fleet.settings, prepare_data(cfg, domains))
                 wall = time.time() - t0
                 redis_mb = redis_peak.stop()
-                over, merge, learn = overheads(rep)
+                over, merge, learn, total = overheads(rep)
                 node_pss = [pss_mb(fleet.procs[f"node{i}"].pid) for i in range(k)]
                 fleet_pss = sum(pss_mb(p.pid) for p in fleet.procs.values()) + pss_mb(fleet.redis.proc.pid)
                 last = rep["rounds"][-1]
@@ -145,6 +147,7 @@ def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | N
                        "round_overhead_s": statistics.median(over), "round_overhead_s_all": over,
                        "aggregator_merge_s": statistics.median(merge), "aggregator_learn_s": statistics.median(learn),
                        "overhead_less_learning_s": statistics.median(o - x for o, x in zip(over, learn, strict=True)),
+                       "nodes_compute_sum_s": statistics.median(total),
                        "round_s_median": statistics.median(r["round_s"] for r in rep["rounds"][1:]),
                        "merged_per_round": [sum(s["status"] == "merged" for s in r["nodes"].values())
                                             for r in rep["rounds"]],
