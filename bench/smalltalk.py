@@ -220,14 +220,15 @@ def sweep(cfg: SmallTalkConfig, data, routers: list, assign: np.ndarray) -> list
     return rows
 
 
-def overrides(args: list[str]) -> dict:
-    """--set key=value (repeatable): change CONFIG for a variant run, e.g. --set router_embd=8."""
+def overrides(args: list[str], base: dict | None = None) -> dict:
+    """--set key=value (repeatable): change CONFIG (or `base`) for a variant run, e.g. --set router_embd=8."""
+    base = CONFIG if base is None else base
     out = {}
     for a in args:
         key, _, value = a.partition("=")
-        if key not in CONFIG or not value:
-            raise SystemExit(f"--set {a!r}: expected key=value with key one of {', '.join(CONFIG)}")
-        out[key] = value.lower() in ("1", "true") if isinstance(CONFIG[key], bool) else type(CONFIG[key])(value)
+        if key not in base or not value:
+            raise SystemExit(f"--set {a!r}: expected key=value with key one of {', '.join(base)}")
+        out[key] = value.lower() in ("1", "true") if isinstance(base[key], bool) else type(base[key])(value)
     return out
 
 
