@@ -82,9 +82,9 @@ def train(experts, prefix, corpus, domain_bytes, em_rounds, router_seqs, router_
     Runs on the embedded default (a private Redis and local workers) or, with --broker, on a fleet
     with `lmteam worker --role expert` and `--role aggregator` workers.
 
-    The defaults are a demo of a few minutes; their experts are too undertrained for the mixture
-    to beat the dense model. In bench/smalltalk.py it wins once experts train near their
-    capacity, with this setting (about 10 minutes on 2 cores, four 480 KB domains):
+    The defaults are a demo of a few minutes: their experts are too undertrained for the mixture to win.
+    This setting won in bench/smalltalk.py (-3.7%) on four distinct 480 KB texts, one per expert (10-15
+    min on 2 cores); on Grimm and Shakespeare alone it lost (+7.0%): each expert needs text of its own.
 
     \b
       lmteam smalltalk train --corpus a.txt --corpus b.txt --corpus c.txt --corpus d.txt \\
@@ -293,8 +293,8 @@ def _say_what_it_will_show(cfg, say) -> float | None:
         f"independent tasks, prefix routing), not that it wins. Expect the mixture's perplexity to be worse than "
         f"the dense model's: each expert trains on ~{tpp:.0f} tokens per parameter, and below ~"
         f"{CAPACITY_BOUND_TOKENS_PER_PARAM} the dense model of the same training FLOPs wins (more steps on one "
-        "model beat specialising until it runs out of capacity; bench/smalltalk.py). A setting where the mixture "
-        "wins is in `lmteam smalltalk train --help` (about 10 minutes on 2 cores).")
+        "model beat specialising until it runs out of capacity; bench/smalltalk.py). The setting where it won, on "
+        "four distinct texts (one per expert), is in `lmteam smalltalk train --help` (10-15 minutes on 2 cores).")
     return tpp
 
 
