@@ -106,8 +106,9 @@ class RedisPeak:
 def overheads(report: dict) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per counted round: the overhead as the issue defines it, the aggregator's merge (decode and
     fold every payload), its own learning work (one distillation step and the student's eval,
-    which Flower's rows do not do), and the nodes' compute summed: past 2 nodes they take turns on
-    this machine's 2 cores, and all but the slowest one's compute counts as overhead."""
+    which Flower's rows do not do), and the nodes' compute phases' wall times summed: they overlap
+    when K nodes share 2 cores, so a sum far above the round time shows how much they took turns,
+    and all but the slowest node's compute then counts as overhead."""
     over, merge, learn, total = [], [], [], []
     for r in report["rounds"][1:]:
         merged = [n for n, s in r["nodes"].items() if s["status"] == "merged"]

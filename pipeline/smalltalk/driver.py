@@ -28,7 +28,7 @@ from broker import keys
 from broker.app import client_app
 from broker.auth import check_fleet_secret, connect_checked
 from broker.embedded import EmbeddedFleet, WorkerSpec
-from broker.jobs import JobFailed, JobRecord, JobStatus, new_job_id
+from broker.jobs import JobFailed, JobRecord, new_job_id
 from broker.registry import live_queues
 from broker.settings import FleetSettings
 from broker.store import Store
@@ -102,24 +102,20 @@ def drive(cfg: SmallTalkConfig, settings: FleetSettings, data: SmallTalkData, ru
                                      "fingerprint": data.fingerprint(), "first_job": previous or job_id})
     job = JobRecord.create(st.r, job_id, KIND, cfg.to_dict(), settings.public_dict(), ttl=settings.blob_ttl)
     st.put_blob(job_id, "seqs", windows_to_bytes(data.train))
-    job.set_status(JobStatus.RUNNING)
-    if previous:
-        say(f"job {job_id}: resuming run {run.path} (first job {previous})")
-    say(f"job {job_id}: {cfg.experts} experts, prefix {cfg.prefix}, {len(data.train)} training sequences "
-        f"from {len(data.domains)} domains")
-    ctx = _Ctx(app, st, job, cfg, data, run, say, watch, settings)
-    t0 = time.time()
-    try:
-        em = _stage1(ctx)
-        tasks = _stage2(ctx)
-    except BaseException as e:
-        job.set_status(JobStatus.FAILED, error=str(e) or type(e).__name__)
-        raise
-    finally:
-        app.close()
-    report = build_report(ctx, em, tasks, time.time() - t0, previous)
-    job.set(report=report)
-    job.set_status(JobStatus.SUCCEEDED)
+    with job.running(settings.job_keep_s, settings.blob_keep_s):  # then its keys expire (broker/jobs.py)
+        if previous:
+            say(f"job {job_id}: resuming run {run.path} (first job {previous})")
+        say(f"job {job_id}: {cfg.experts} experts, prefix {cfg.prefix}, {len(data.train)} training sequences "
+            f"from {len(data.domains)} domains")
+        ctx = _Ctx(app, st, job, cfg, data, run, say, watch, settings)
+        t0 = time.time()
+        try:
+            em = _stage1(ctx)
+            tasks = _stage2(ctx)
+        finally:
+            app.close()
+        report = build_report(ctx, em, tasks, time.time() - t0, previous)
+        job.set(report=report)
     run.write_json(run.report_file, report)
     return report
 
