@@ -117,8 +117,10 @@ class JobRecord:
         asked. Ids of records gone are dropped from the job list. Returns the keys touched."""
         blob_s = min(blob_keep_s, keep_s)
         pipe, n = self.r.pipeline(), 0
-        for key in self.r.scan_iter(match=f"{keys.PREFIX}:*:{self.id}*", count=1000):
-            kind = key.decode().split(":")[1]
+        for key in self.r.scan_iter(match=f"{keys.PREFIX}:*:{_glob_escape(self.id)}*", count=1000):
+            _, kind, rest = key.decode().split(":", 2)
+            if rest != self.id and not rest.startswith(self.id + ":"):  # job "a-1" is not job "a-10"
+                continue
             ttl = blob_s if kind in ("blob", "payload", "staged", "chunk") else keep_s
             if ttl > 0:
                 pipe.expire(key, ttl)
@@ -160,6 +162,10 @@ class JobRecord:
             else:
                 out[key] = text
         return out
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def list_jobs(client: redis.Redis, limit: int = 20) -> list[str]:

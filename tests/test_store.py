@@ -146,8 +146,10 @@ def test_a_finished_job_keeps_its_record_and_drops_its_blobs(redis_client):
     st.put_blob("j1", "probe", b"p" * 25)
     st.node_update("j1", 0, "0", status="merged")
     redis_client.zadd("lmteam:jobs", {"gone": 0})  # a record that has expired already
+    st.put_blob("j10", "probe", b"other")  # a job whose id starts with j1's (5 bytes: one key)
     with job.running(keep_s=60, blob_keep_s=0):
         pass
+    assert st.get_blob("j10", "probe") == b"other" and redis_client.ttl("lmteam:blob:j10:probe") > 60
     assert job.get()["status"] == JobStatus.SUCCEEDED.value
     assert st.get_blob("j1", "probe") is None and not _chunk_keys(redis_client)
     assert 0 < redis_client.ttl("lmteam:job:j1") <= 60
