@@ -30,7 +30,6 @@ class RoundMerge:
             raise ValueError("a sparse merge needs the reference (broadcast student's) probe logits")
         self.cfg, self.job, self.rnd, self.secret, self.max_bytes = cfg, job, rnd, secret, max_bytes
         self.shape = (cfg.probe_seqs * cfg.block_size, vocab)
-        self.reference = reference
         self.teacher: RunningMean | TensorMeans | SparseLogprobMean
         if cfg.method == "fedavg":
             self.teacher = TensorMeans()
