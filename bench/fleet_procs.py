@@ -10,23 +10,27 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def tree(pid: int) -> list[int]:
-    """pid and all its descendants."""
-    out, todo = [], [pid]
+def tree(*roots: int) -> list[int]:
+    """The roots and all their live descendants, each once."""
+    seen: list[int] = []
+    todo = list(roots)
     while todo:
         p = todo.pop()
-        out.append(p)
+        if p in seen or not Path(f"/proc/{p}").exists():
+            continue
+        seen.append(p)
         try:
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             pass
-    return out
+    return seen
 
 
-def _status_kb(pid: int, field: str) -> int:
+def status_kb(pid: int | str, field: str, file: str = "status") -> int:
+    """A `Field:  N kB` line of /proc/<pid>/status (or smaps_rollup), in kB; 0 if gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -36,17 +40,9 @@ def _status_kb(pid: int, field: str) -> int:
 
 def peak_rss_mb(pid: int) -> float:
     """The largest peak RSS (VmHWM) among a process and its children (a prefork pool), in MB."""
-    return max((_status_kb(p, "VmHWM") for p in tree(pid)), default=0) / 1024
+    return max((status_kb(p, "VmHWM") for p in tree(pid)), default=0) / 1024
 
 
-def pss_mb(pid: int) -> float:
-    """Summed PSS of a process and its children, in MB."""
-    total = 0
-    for p in tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+def pss_mb(*roots: int) -> float:
+    """Summed PSS of processes and all their children, in MB."""
+    return sum(status_kb(p, "Pss", "smaps_rollup") for p in tree(*roots)) / 1024

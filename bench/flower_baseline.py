@@ -63,32 +63,6 @@ DEPLOYMENT_NOTE = ("flwr 1.42 defaults: the ServerApp's grid pulls replies every
                    "process per message (subprocess isolation, the default)")
 
 
-def _proc_kb(pid: int | str, key: str, name: str = "status") -> float:
-    try:
-        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
-
-
-def _tree(roots: list[int]) -> set[int]:
-    """The roots and all their live descendants."""
-    seen, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in seen or not Path(f"/proc/{pid}").exists():
-            continue
-        seen.add(pid)
-        try:
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return seen
-
-
 def build_apps():
     """(server_app, client_app) of the bench; the spec comes from the environment (SPEC_ENV)."""
     import numpy as np
@@ -147,11 +121,11 @@ def build_apps():
         roots = [os.getpid()]
         if spec.get("roots_file"):
             roots += [int(p) for p in Path(spec["roots_file"]).read_text().split()]
-        pids = _tree(roots)
+        from fleet_procs import pss_mb, status_kb, tree  # beside this file, also in Flower's app folder
+
         result = {"round_s": strategy.round_s, "compute_s": strategy.compute_s, "replies": strategy.replies,
-                  "payload_bytes": strategy.payload_bytes, "peak_rss_mb": _proc_kb("self", "VmHWM") / 1024,
-                  "fleet_pss_mb": sum(_proc_kb(p, "Pss", "smaps_rollup") for p in pids) / 1024,
-                  "fleet_processes": len(pids)}
+                  "payload_bytes": strategy.payload_bytes, "peak_rss_mb": status_kb("self", "VmHWM") / 1024,
+                  "fleet_pss_mb": pss_mb(*roots), "fleet_processes": len(tree(*roots))}
         Path(spec["out"]).write_text(json.dumps(result))
 
     return server_app, client_app
@@ -197,6 +171,7 @@ def _deploy(spec: dict, work: Path, env: dict, log) -> str | None:
     app = work / "app"
     app.mkdir()
     shutil.copy(__file__, app / "flower_baseline.py")
+    shutil.copy(Path(__file__).with_name("fleet_procs.py"), app / "fleet_procs.py")
     (app / "bench_app.py").write_text("from flower_baseline import build_apps\n\napps = build_apps()\n"
                                       "server_app = apps[0]\nclient_app = apps[1]\n")  # Flower checks by AST
     (app / "pyproject.toml").write_text(APP_PYPROJECT)
