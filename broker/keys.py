@@ -31,6 +31,7 @@ def expert_queue(expert: int | str) -> str:
 # --- task names -------------------------------------------------------------------------------
 FPLD_NODE_TASK = "lmteam.fpld.node_round"
 FPLD_AGGREGATE_TASK = "lmteam.fpld.aggregate_round"
+FPLD_GROUP_MERGE_TASK = "lmteam.fpld.group_merge"  # a two-level round's group aggregator
 RAG_INDEX_TASK = "lmteam.rag.node_index"
 RAG_SCORE_TASK = "lmteam.rag.node_score"
 RAG_AGGREGATE_TASK = "lmteam.rag.aggregate"
@@ -45,6 +46,7 @@ NODE_TASKS = frozenset({FPLD_NODE_TASK, RAG_INDEX_TASK, RAG_SCORE_TASK})
 EXPERT_TASKS = frozenset({SERVE_TASK})
 STATIC_ROUTES = {
     FPLD_AGGREGATE_TASK: AGGREGATOR_QUEUE,
+    FPLD_GROUP_MERGE_TASK: AGGREGATOR_QUEUE,
     RAG_AGGREGATE_TASK: AGGREGATOR_QUEUE,
     SMALLTALK_ROUTER_TASK: EXPERT_QUEUE,
     SMALLTALK_SCORE_TASK: AGGREGATOR_QUEUE,
@@ -119,6 +121,27 @@ def arrived_set(job_id: str, rnd: int) -> str:
 def merge_owner(job_id: str, rnd: int) -> str:
     """The id of the one task that merges a round (a redelivered copy of it keeps the id)."""
     return f"{PREFIX}:owner:{job_id}:{rnd}"
+
+
+def group_arrived_set(job_id: str, rnd: int, group: int) -> str:
+    """Set of one merge group's nodes whose part is over (a two-level merge; the gate's Lua builds
+    the same name from arrived_set)."""
+    return f"{arrived_set(job_id, rnd)}:g{group}"
+
+
+def group_owner(job_id: str, rnd: int, group: int) -> str:
+    """The id of the one task that merges a group of a two-level round."""
+    return f"{PREFIX}:owner:{job_id}:{rnd}:g{group}"
+
+
+def group_result(job_id: str, rnd: int, group: int) -> str:
+    """A group merge's outcome: its nodes' final records (the partial sums are a blob)."""
+    return f"{PREFIX}:gresult:{job_id}:{rnd}:g{group}"
+
+
+def groups_done(job_id: str, rnd: int) -> str:
+    """Set of the groups of a two-level round whose merge is written: the last one sends the root's."""
+    return f"{PREFIX}:groups:{job_id}:{rnd}"
 
 
 def worker_claims(hostname: str) -> str:

@@ -12,6 +12,15 @@ No worker waits for nodes, and none holds a task with an eta (a message held una
 in a worker outlives neither a long visibility timeout nor, measured here, a broker restart).
 Up to two merge tasks fire per round (the completing arrival, the deadline); exactly one merges.
 A payload that arrives after the seal is recorded late and can never be merged.
+
+Two-level rounds (open_round(groups=G)): the nodes are cut into G groups of consecutive ids. The
+arrival that completes a group sends that group's merge task; a group merge folds its nodes'
+payloads into partial sums, writes them, and the group that completes the set of groups sends
+the root's merge, which adds G partial sums instead of K payloads. Groups merge while other
+groups' nodes still compute. At the deadline the submitter sends every group merge not yet sent;
+the first to run seals the whole round (no payload enters any group after that), and the root
+merges whatever groups are written by `deadline + GROUP_GRACE_S`, the nodes of a missing group
+counted late.
 """
 
 from __future__ import annotations
@@ -52,10 +61,20 @@ def check_quorum(merged: int, nodes: int, quorum: int, detail: str = "") -> None
         raise QuorumError(f"{msg}: {detail}" if detail else msg)
 
 
+# A two-level round's group sets are named from KEYS[2] here: one Redis, not a cluster.
 _ARRIVE = """
 local spec, seen, ttl = KEYS[1], KEYS[2], tonumber(ARGV[2])
 redis.call('SADD', seen, ARGV[1])
 redis.call('EXPIRE', seen, ttl)
+local g = redis.call('HGET', spec, 'g:' .. ARGV[1])
+if g then
+  local gseen = seen .. ':g' .. g
+  redis.call('SADD', gseen, ARGV[1])
+  redis.call('EXPIRE', gseen, ttl)
+  if redis.call('SCARD', gseen) < tonumber(redis.call('HGET', spec, 'gsize:' .. g)) then return false end
+  if redis.call('HSETNX', spec, 'gtriggered:' .. g, '1') == 0 then return false end
+  return {redis.call('HGET', spec, 'group_task'), redis.call('HGET', spec, 'args'), g}
+end
 local expected = redis.call('HGET', spec, 'expected')
 if (not expected) or redis.call('SCARD', seen) < tonumber(expected) then return false end
 if redis.call('HSETNX', spec, 'triggered', '1') == 0 then return false end
@@ -67,23 +86,68 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then retur
 return redis.call('GET', KEYS[1]) == ARGV[1] and 1 or 0
 """
 
+_GROUP_DONE = """
+local spec, done, ttl = KEYS[1], KEYS[2], tonumber(ARGV[2])
+redis.call('SADD', done, ARGV[1])
+redis.call('EXPIRE', done, ttl)
+if redis.call('SCARD', done) < tonumber(redis.call('HGET', spec, 'groups')) then return false end
+if redis.call('HSETNX', spec, 'triggered', '1') == 0 then return false end
+return {redis.call('HGET', spec, 'task'), redis.call('HGET', spec, 'args')}
+"""
+
+GROUP_GRACE_S = 120.0  # after the deadline, how long the root waits for group merges still running
 MERGE_THREADS = min(4, os.cpu_count() or 1)  # payloads fetched and decoded at once by a merge
 FINAL = ("arrived", "failed")  # a node in one of these has done its part of the round
 
 
-def open_round(st: Store, job_id: str, rnd: int, nodes: list[str], merge_task: str, merge_args: list) -> None:
-    """Before the node tasks go out: which nodes the round waits for, and the task that merges them."""
+def merge_groups(nodes: list[str], groups: int) -> list[list[str]]:
+    """The nodes cut into `groups` runs of consecutive ids, sizes differing by at most one (nodes
+    numbered by machine stay together, so a group's merge can run beside its nodes)."""
+    g = max(1, min(groups, len(nodes)))
+    return [nodes[i * len(nodes) // g:(i + 1) * len(nodes) // g] for i in range(g)]
+
+
+def open_round(st: Store, job_id: str, rnd: int, nodes: list[str], merge_task: str, merge_args: list,
+               groups: int = 1, group_task: str = "") -> None:
+    """Before the node tasks go out: which nodes the round waits for, and the task that merges them.
+    With groups > 1 (and group_task, called with merge_args + [group]), a two-level round."""
     key = keys.round_spec(job_id, rnd)
-    st.r.hset(key, mapping={"expected": len(nodes), "task": merge_task, "args": json.dumps(merge_args),
-                            "opened_at": f"{st.now():.6f}"})
+    spec: dict[str, object] = {"expected": len(nodes), "task": merge_task, "args": json.dumps(merge_args),
+                               "opened_at": f"{st.now():.6f}"}
+    parts = merge_groups(nodes, groups)
+    if len(parts) > 1:
+        if not group_task:
+            raise ValueError("a round with merge groups needs the group merge task")
+        spec.update(groups=len(parts), group_task=group_task)
+        for g, part in enumerate(parts):
+            spec[f"gsize:{g}"] = len(part)
+            spec.update({f"g:{n}": g for n in part})
+    st.r.hset(key, mapping=spec)
     st.r.expire(key, st.ttl)
 
 
+def round_groups(st: Store, job_id: str, rnd: int) -> int:
+    """How many merge groups a round was opened with (1: a single merge)."""
+    return int(st.r.hget(keys.round_spec(job_id, rnd), "groups") or 1)
+
+
 def arrive(st: Store, job_id: str, rnd: int, node: str) -> tuple[str, list] | None:
-    """Count node's part of the round as over; the arrival that completes the set gets the merge
-    task (name, args) to send, exactly once. None for every other arrival, or a round with no merge."""
+    """Count node's part of the round as over; the arrival that completes the set (or the node's
+    group) gets the merge task (name, args) to send, exactly once. None for every other arrival,
+    or a round with no merge."""
     out = st.lua(_ARRIVE)(keys=[keys.round_spec(job_id, rnd), keys.arrived_set(job_id, rnd)],
                                         args=[node, st.ttl])
+    if not out:
+        return None
+    task, args, *group = (x.decode() if isinstance(x, bytes) else x for x in out)
+    return task, json.loads(args) + [int(g) for g in group]
+
+
+def group_done(st: Store, job_id: str, rnd: int, group: int) -> tuple[str, list] | None:
+    """A group's merge is written; the group that completes the set gets the root's merge task to
+    send, exactly once. Idempotent: a group merge redone after its worker died may call it again."""
+    out = st.lua(_GROUP_DONE)(keys=[keys.round_spec(job_id, rnd), keys.groups_done(job_id, rnd)],
+                              args=[group, st.ttl])
     if not out:
         return None
     task, args = (x.decode() if isinstance(x, bytes) else x for x in out)
@@ -93,21 +157,34 @@ def arrive(st: Store, job_id: str, rnd: int, node: str) -> tuple[str, list] | No
 def follow_round(st: Store, app: Celery, job_id: str, rnd: int, deadline: float, give_up_s: float,
                  on_poll: Callable[[], None] | None = None, poll: float = 0.25, shadow: str = "") -> dict | None:
     """The submitter's side of a round opened with open_round: the round's result, or None after
-    give_up_s. At the deadline, if no arrival has sent the merge yet, send it: the nodes that are
-    in get merged, the rest are late."""
+    give_up_s. At the deadline, send every merge no arrival has sent yet (the round's, or each
+    group's): the nodes that are in get merged, the rest are late. A two-level round whose groups
+    are not all written by deadline + GROUP_GRACE_S gets its root merge sent too."""
     spec = keys.round_spec(job_id, rnd)
-    sent = False
+    groups = round_groups(st, job_id, rnd)
+    sent: set[str] = set()
+
+    def send(flag: str, task: str, args: list) -> None:
+        sent.add(flag)
+        if st.r.hsetnx(spec, flag, "deadline"):
+            app.send_task(task, args=args, shadow=shadow)
 
     def result() -> dict | None:
-        nonlocal sent
         if on_poll is not None:
             on_poll()
         out = st.round_result(job_id, rnd)
-        if out is None and not sent and st.now() >= deadline:
-            sent = True
-            if st.r.hsetnx(spec, "triggered", "deadline"):
-                task, args = st.r.hget(spec, "task").decode(), json.loads(st.r.hget(spec, "args"))
-                app.send_task(task, args=args, shadow=shadow)
+        if out is not None or st.now() < deadline:
+            return out
+        task, args = st.r.hget(spec, "task").decode(), json.loads(st.r.hget(spec, "args"))
+        if groups == 1 and "triggered" not in sent:
+            send("triggered", task, args)
+        elif groups > 1 and "gtriggered" not in sent:
+            sent.add("gtriggered")
+            group_task = st.r.hget(spec, "group_task").decode()
+            for g in range(groups):
+                send(f"gtriggered:{g}", group_task, args + [g])
+        elif groups > 1 and "triggered" not in sent and st.now() >= deadline + GROUP_GRACE_S:
+            send("triggered", task, args)
         return out
 
     return wait_for(result, seconds_left(give_up_s), client=st.r, wake=keys.done(job_id, rnd), poll=poll)
@@ -142,6 +219,54 @@ def seal_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadline: 
     opened = st.r.hget(keys.round_spec(job_id, rnd), "opened_at")
     now = st.now()
     return Seal(st.round_nodes(job_id, rnd, nodes), time.time(), now - float(opened) if opened else 0.0)
+
+
+def seal_group_when_due(st: Store, job_id: str, rnd: int, group: int, nodes: list[str], deadline: float,
+                        owner: str) -> Seal:
+    """seal_when_due for one group of a two-level round: due when the group's nodes are all in or
+    the deadline has passed. A group merging at the deadline seals the whole round first, so no
+    payload can enter any group after a group has read its states. Seal() also when the group is
+    merged already (its caller still reports it done: the worker that wrote it may have died)."""
+    if st.r.exists(keys.group_result(job_id, rnd, group)):
+        return Seal()
+    states = st.round_nodes(job_id, rnd, nodes)
+    left = deadline - st.now()
+    complete = all(s.get("status") in FINAL for s in states.values())
+    if left > 0 and not complete:
+        return Seal(retry_in=left)
+    if not st.lua(_CLAIM)(keys=[keys.group_owner(job_id, rnd, group)], args=[owner, st.ttl]):
+        return Seal()
+    if not complete:
+        st.close_round(job_id, rnd)
+    now = st.now()
+    opened = st.r.hget(keys.round_spec(job_id, rnd), "opened_at")
+    return Seal(st.round_nodes(job_id, rnd, nodes), time.time(), now - float(opened) if opened else 0.0)
+
+
+def seal_root_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadline: float, owner: str) -> Seal:
+    """The root of a two-level round: due when every group is written, or GROUP_GRACE_S after the
+    deadline. Seals the round (nodes not in yet are late) and claims the merge, as seal_when_due."""
+    if st.round_result(job_id, rnd) is not None:
+        return Seal()
+    left = deadline + GROUP_GRACE_S - st.now()
+    if left > 0 and st.r.scard(keys.groups_done(job_id, rnd)) < round_groups(st, job_id, rnd):
+        return Seal(retry_in=left)
+    if not st.lua(_CLAIM)(keys=[keys.merge_owner(job_id, rnd)], args=[owner, st.ttl]):
+        return Seal()
+    st.close_round(job_id, rnd)
+    opened = st.r.hget(keys.round_spec(job_id, rnd), "opened_at")
+    now = st.now()
+    return Seal(st.round_nodes(job_id, rnd, nodes), time.time(), now - float(opened) if opened else 0.0)
+
+
+def group_results(st: Store, job_id: str, rnd: int, groups: int) -> dict[int, dict]:
+    """The groups written so far: group -> its record ({"nodes": final per node, ...})."""
+    raw = st.r.mget([keys.group_result(job_id, rnd, g) for g in range(groups)])
+    return {g: json.loads(v) for g, v in enumerate(raw) if v is not None}
+
+
+def put_group_result(st: Store, job_id: str, rnd: int, group: int, record: dict) -> None:
+    st.r.set(keys.group_result(job_id, rnd, group), json.dumps(record), ex=st.ttl)
 
 
 def classify_nodes(st: Store, job_id: str, rnd: int, states: dict[str, dict],

@@ -27,6 +27,18 @@ class RunningMean:
         self.sum += x
         self.count += 1
 
+    def state(self) -> tuple[dict[str, np.ndarray], int]:
+        """The sum and its count: what a group aggregator sends the root (broker/wire/partial.py)."""
+        return ({} if self.sum is None else {"sum": self.sum}), self.count
+
+    def add_state(self, arrays: dict[str, np.ndarray], count: int) -> None:
+        """Add another RunningMean's state(): the root of a two-level merge adding a group's sum."""
+        if count:
+            if self.sum is not None and arrays["sum"].shape != self.sum.shape:
+                raise ValueError(f"shape mismatch: {arrays['sum'].shape} vs {self.sum.shape}")
+            self.sum = arrays["sum"].astype(np.float64) if self.sum is None else self.sum + arrays["sum"]
+            self.count += count
+
     def mean(self) -> np.ndarray:
         if self.sum is None:
             raise ValueError("the mean of no arrays")
@@ -56,6 +68,18 @@ class TensorMeans:
         for name, x in tensors.items():
             self.sums.setdefault(name, RunningMean()).add(np.asarray(x))
         self.count += 1
+
+    def state(self) -> tuple[dict[str, np.ndarray], int]:
+        return {name: m.sum for name, m in self.sums.items()}, self.count
+
+    def add_state(self, arrays: dict[str, np.ndarray], count: int) -> None:
+        if not count:
+            return
+        if self.sums and set(arrays) != set(self.sums):
+            raise ValueError(f"tensor names differ: {sorted(set(arrays) ^ set(self.sums))[:3]}")
+        for name, x in arrays.items():
+            self.sums.setdefault(name, RunningMean()).add_state({"sum": x}, count)
+        self.count += count
 
     def means(self) -> dict:
         """The mean of every tensor, as torch tensors (what a safetensors state blob holds)."""

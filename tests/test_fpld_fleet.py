@@ -110,3 +110,33 @@ def test_fedavg_with_the_builtin_model_averages_the_nodes_weights(fleet):
                + 1024 for b in sent.values())
     assert not np.allclose(student["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
     assert np.isfinite(report["summary"]["student_ppl"])
+
+
+def test_two_level_merge_gives_the_one_level_student(fleet):
+    """Two groups of two nodes: each group folds its payloads into partial sums, the root adds them.
+    Seeds derive from the job id, so the two jobs' nodes train differently: the students agree
+    closely, not exactly (tests/test_partial.py checks the sums are the one-level ones)."""
+    f, store, corpus, data = fleet
+    one = drive(tiny_config(corpus, merge_groups=1, round_timeout=30.0), f.settings, data)
+    two = drive(tiny_config(corpus, merge_groups=2, round_timeout=30.0), f.settings, data)
+    r1, r2 = one["rounds"][0], two["rounds"][0]
+    assert r2["merged"] == r1["merged"] == 4 and "t_group_merge" not in r1
+    assert len(r2["t_group_merge"]) == 2  # both groups wrote partial sums
+    assert {v["status"] for v in r2["nodes"].values()} == {"merged"}
+    assert r2["student_ppl"] == pytest.approx(r1["student_ppl"], rel=0.02)
+    assert r2["student_ppl"] < two["summary"]["initial_ppl"]  # distilled from a real teacher
+    assert all(store.get_blob(two["job"], f"partial/0/{g}") is None for g in (0, 1))
+    assert two["config"]["merge_groups"] == 2
+
+
+def test_two_level_merge_drops_a_slow_node_at_the_deadline(fleet):
+    """Group 1 (nodes 2, 3) merges as soon as both are in; group 0 waits for slow node 1 until the
+    deadline, seals the round and merges node 0 alone; the root merges 3 nodes, node 1 is late."""
+    f, store, corpus, data = fleet
+    cfg = tiny_config(corpus, merge_groups=2, faults={"1": "slow:14"}, quorum=3)
+    report = drive(cfg, f.settings, data)
+    job_id, nodes = report["job"], report["rounds"][0]["nodes"]
+    assert {n: v["status"] for n, v in nodes.items()} == {"0": "merged", "1": "late", "2": "merged", "3": "merged"}
+    assert report["rounds"][0]["merged"] == 3
+    assert wait_until(lambda: store.node_state(job_id, 0, "1").get("late_at") is not None, 30)
+    assert store.get_payload(job_id, 0, "1") is None

@@ -92,3 +92,54 @@ def test_a_node_arriving_wakes_a_waiter_before_the_deadline(redis_client):
     states = wait_for(both_in, seconds_left(30), client=st.r, wake=keys.arrived("j", 1), poll=10)
     assert time.monotonic() - t0 < 5  # woken by the push, long before the 10 s poll
     assert {n: s["status"] for n, s in states.items()} == {"0": "arrived", "1": "arrived"}
+
+
+def test_merge_groups_are_runs_of_consecutive_nodes():
+    from broker.round_gate import merge_groups
+
+    nodes = [str(i) for i in range(10)]
+    assert merge_groups(nodes, 3) == [["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8", "9"]]
+    assert merge_groups(nodes, 1) == [nodes]
+    assert merge_groups(["0", "1"], 5) == [["0"], ["1"]]  # never an empty group
+
+
+def test_two_level_round_sends_each_group_merge_and_then_the_root_exactly_once(redis_client):
+    from broker.round_gate import group_done, round_groups
+
+    st = Store(redis_client)
+    nodes = [str(i) for i in range(5)]
+    open_round(st, "j2", 0, nodes, "root.task", ["j2", 0, 9.0], groups=2, group_task="group.task")
+    assert round_groups(st, "j2", 0) == 2
+    assert arrive(st, "j2", 0, "0") is None
+    assert arrive(st, "j2", 0, "3") is None
+    assert arrive(st, "j2", 0, "1") == ("group.task", ["j2", 0, 9.0, 0])  # group 0 is nodes 0, 1
+    assert arrive(st, "j2", 0, "1") is None  # a redelivered node counts once
+    assert arrive(st, "j2", 0, "4") is None
+    assert arrive(st, "j2", 0, "2") == ("group.task", ["j2", 0, 9.0, 1])  # group 1 is nodes 2, 3, 4
+    assert group_done(st, "j2", 0, 1) is None
+    assert group_done(st, "j2", 0, 1) is None  # a redone group counts once
+    assert group_done(st, "j2", 0, 0) == ("root.task", ["j2", 0, 9.0])
+    assert group_done(st, "j2", 0, 0) is None
+
+
+def test_a_group_merges_early_only_when_complete_and_at_the_deadline_seals_the_round(redis_client):
+    from broker.round_gate import seal_group_when_due, seal_root_when_due
+
+    st = Store(redis_client)
+    nodes = ["0", "1", "2", "3"]
+    open_round(st, "j3", 0, nodes, "root.task", [], groups=2, group_task="group.task")
+    for n in ("0", "1", "2"):
+        st.submit_payload("j3", 0, n, b"good")
+    soon = st.now() + 30
+    early = seal_group_when_due(st, "j3", 0, 0, ["0", "1"], deadline=soon, owner="a")
+    assert set(early.states) == {"0", "1"} and not st.is_closed("j3", 0)  # complete: merged, round open
+    assert seal_group_when_due(st, "j3", 0, 0, ["0", "1"], deadline=soon, owner="b").states is None  # one owner
+    assert seal_group_when_due(st, "j3", 0, 1, ["2", "3"], deadline=soon, owner="a").retry_in > 25  # node 3 missing
+    assert seal_root_when_due(st, "j3", 0, nodes, deadline=soon, owner="r").retry_in > 25  # groups not written
+    late = seal_group_when_due(st, "j3", 0, 1, ["2", "3"], deadline=st.now(), owner="a")
+    assert late.states["2"]["status"] == "arrived" and late.states["3"].get("status") is None
+    assert st.is_closed("j3", 0) and st.submit_payload("j3", 0, "3", b"good") == "late"
+    # past deadline + grace the root merges whatever groups are written
+    root = seal_root_when_due(st, "j3", 0, nodes, deadline=st.now() - 1000, owner="r")
+    assert set(root.states) == set(nodes)
+    assert seal_root_when_due(st, "j3", 0, nodes, deadline=st.now() - 1000, owner="other").states is None

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -33,7 +34,15 @@ from broker.app import app, settings_of
 from broker.faults import Fault
 from broker.jobs import JobRecord, NodeStatus
 from broker.redelivery import restore_unacked
-from broker.round_gate import Seal, arrive, seal_when_due
+from broker.round_gate import (
+    Seal,
+    arrive,
+    group_done,
+    put_group_result,
+    seal_group_when_due,
+    seal_root_when_due,
+    seal_when_due,
+)
 from broker.store import Store
 from broker.waiting import notify
 
@@ -217,32 +226,71 @@ class FleetTask(Task):
 
 
 def merge_round(task: Task, st: Store, job_id: str, rnd: int, nodes: list[str], deadline: float,
-                merge: Callable[[Seal], dict], side_blobs: tuple[str, ...] = ()) -> dict:
+                merge: Callable[[Seal], dict], side_blobs: tuple[str, ...] = (), root: bool = False) -> dict:
     """The body of every merge task: seal when due, merge once, record the result, wake the submitter.
 
     Never waits: a merge task that is not due (nodes missing before the deadline) returns, and
     the submitter sends the merge again at the deadline; one that finds the round merged, or
     owned by the other merge task, returns. An error ends the round `failed` with the reason
     instead of leaving it hanging. Only once the result is written are the round's payloads (and
-    `side_blobs`) deleted: a merge redone after its worker died still finds them.
+    `side_blobs`) deleted: a merge redone after its worker died still finds them. `root`: the
+    root of a two-level round, due when its groups are written (broker/round_gate.py).
     """
-    seal = seal_when_due(st, job_id, rnd, nodes, deadline, owner=task.request.id or "local")
+    seal_due = seal_root_when_due if root else seal_when_due
+    seal = seal_due(st, job_id, rnd, nodes, deadline, owner=task.request.id or "local")
     if seal.retry_in > 0:
         return {"round": rnd, "status": "not due"}
     if seal.states is not None:
-        claims = keys.worker_claims(task.request.hostname or "local")
-        st.r.sadd(claims, task.request.id or "local")  # if this worker dies, its restart takes the merge back
-        st.r.expire(claims, st.ttl)
-        try:
-            result = merge(seal)
-        except Exception as e:
-            result = {"round": rnd, "status": "failed", "error": f"round {rnd}: aggregator error: {one_line(e)}"}
-            log.exception("merge of round %d of %s failed", rnd, job_id)
-        st.put_round_result(job_id, rnd, result)
-        st.drop_payloads(job_id, rnd, nodes, blobs=side_blobs, keep_s=settings_of(app).payload_keep_s)
-        st.r.srem(claims, task.request.id or "local")
+        with _claimed(task, st):
+            try:
+                result = merge(seal)
+            except Exception as e:
+                result = {"round": rnd, "status": "failed", "error": f"round {rnd}: aggregator error: {one_line(e)}"}
+                log.exception("merge of round %d of %s failed", rnd, job_id)
+            st.put_round_result(job_id, rnd, result)
+            st.drop_payloads(job_id, rnd, nodes, blobs=side_blobs, keep_s=settings_of(app).payload_keep_s)
         notify(st.r, keys.done(job_id, rnd), st.ttl)
     return st.round_result(job_id, rnd) or {"round": rnd, "status": "merged elsewhere"}
+
+
+def group_merge_round(task: Task, st: Store, job_id: str, rnd: int, group: int, nodes: list[str], deadline: float,
+                      merge: Callable[[Seal], tuple[bytes, dict]]) -> dict:
+    """The body of a group merge in a two-level round: seal the group when due, fold its nodes'
+    payloads once into partial sums (`merge` returns them signed, and the group's record), write
+    both, and report the group done; the last group sends the root's merge. An error marks the
+    group's nodes failed, so the root still runs. Payloads stay until the root's result is written."""
+    seal = seal_group_when_due(st, job_id, rnd, group, nodes, deadline, owner=task.request.id or "local")
+    if seal.retry_in > 0:
+        return {"round": rnd, "group": group, "status": "not due"}
+    if seal.states is not None:
+        with _claimed(task, st):
+            try:
+                partial, record = merge(seal)
+                st.put_blob(job_id, f"partial/{rnd}/{group}", partial)
+            except Exception as e:
+                reason = f"group {group} merge error: {one_line(e)}"
+                record = {"nodes": {n: {"status": NodeStatus.FAILED.value, "reason": reason, "retries": 0}
+                                    for n in nodes}, "error": reason}
+                log.exception("group %d merge of round %d of %s failed", group, rnd, job_id)
+            put_group_result(st, job_id, rnd, group, record)
+    elif not st.r.exists(keys.group_result(job_id, rnd, group)):
+        return {"round": rnd, "group": group, "status": "merged elsewhere"}
+    # also when the group was written already: its first writer may have died before this line
+    root = group_done(st, job_id, rnd, group)
+    if root is not None:
+        name, args = root
+        app.send_task(name, args=args, shadow=f"{name.rsplit('.', 2)[-2]} aggregate r{rnd} {job_id}")
+    return {"round": rnd, "group": group, "status": "merged"}
+
+
+@contextmanager
+def _claimed(task: Task, st: Store) -> Iterator[None]:
+    """While a merge runs, its task id is in its worker's claims: a restart takes it back."""
+    claims = keys.worker_claims(task.request.hostname or "local")
+    st.r.sadd(claims, task.request.id or "local")
+    st.r.expire(claims, st.ttl)
+    yield
+    st.r.srem(claims, task.request.id or "local")
 
 
 # --- worker lifecycle -------------------------------------------------------------------------

@@ -8,12 +8,22 @@ from functools import cache, lru_cache
 from broker import keys
 from broker.app import app, settings_of
 from broker.faults import Fault, parse_faults
-from broker.jobs import JobRecord
-from broker.round_gate import Seal, classify_nodes, quorum_error
+from broker.jobs import JobRecord, NodeStatus
+from broker.round_gate import Seal, classify_nodes, group_results, merge_groups, quorum_error, round_groups
 from broker.store import Store
-from broker.wire.codec import encode_logits
+from broker.wire.codec import PayloadError, encode_logits
 from pipeline.fpld.config import FPLDConfig
-from workers.base import FleetTask, blob, device_for, merge_round, private_ids, secret, state_dir, store
+from workers.base import (
+    FleetTask,
+    blob,
+    device_for,
+    group_merge_round,
+    merge_round,
+    private_ids,
+    secret,
+    state_dir,
+    store,
+)
 
 
 @cache
@@ -64,38 +74,95 @@ def fpld_node_round(self, job_id: str, rnd: int, node: str) -> dict:
 
 @app.task(bind=True, name=keys.FPLD_AGGREGATE_TASK)
 def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
-    """Once every node is in or the deadline has passed: seal the round, merge what arrived, distill."""
+    """Once every node is in or the deadline has passed: seal the round, merge what arrived, distill.
+    In a two-level round: once every group is written, add the groups' partial sums instead."""
     st = store()
-    nodes = job_config(job_id).node_ids
-    return merge_round(self, st, job_id, rnd, nodes, deadline, lambda seal: _aggregate(st, job_id, rnd, seal),
-                       side_blobs=tuple(f"diag/{rnd}/{n}" for n in nodes))
+    cfg = job_config(job_id)
+    nodes, groups = cfg.node_ids, round_groups(st, job_id, rnd)
+    side = tuple(f"diag/{rnd}/{n}" for n in nodes) + tuple(f"partial/{rnd}/{g}" for g in range(groups if groups > 1 else 0))
+    return merge_round(self, st, job_id, rnd, nodes, deadline, lambda seal: _aggregate(st, job_id, rnd, seal, groups),
+                       side_blobs=side, root=groups > 1)
 
 
-def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal) -> dict:
+@app.task(bind=True, name=keys.FPLD_GROUP_MERGE_TASK)
+def fpld_group_merge(self, job_id: str, rnd: int, deadline: float, group: int) -> dict:
+    """A two-level round's group aggregator: fold this group's payloads into partial sums for the root."""
+    st = store()
+    nodes = merge_groups(job_config(job_id).node_ids, round_groups(st, job_id, rnd))[group]
+
+    def merge(seal: Seal) -> tuple[bytes, dict]:
+        acc = _round_merge(st, job_id, rnd)
+        t = time.perf_counter()
+        final = _fold_nodes(st, job_id, rnd, seal, acc)
+        return acc.partial(f"g{group}"), {"nodes": final, "merged": acc.count, "t_merge": time.perf_counter() - t}
+
+    return group_merge_round(self, st, job_id, rnd, group, nodes, deadline, merge)
+
+
+def _round_merge(st: Store, job_id: str, rnd: int):
     from pipeline.fpld.merge import RoundMerge
-    from pipeline.fpld.steps import average_weights, merge_and_distill, reference_logits
+    from pipeline.fpld.steps import reference_logits
     from pipeline.models.lm import vocab_size
+
+    cfg = job_config(job_id)
+    sparse = cfg.method == "fpld" and cfg.payload == "sparse"
+    reference = None
+    if sparse:
+        reference = reference_logits(cfg, blob(st, job_id, f"student/{rnd}"), public_windows(job_id, "probe"),
+                                     device_for(cfg.device))
+    return RoundMerge(cfg, job=job_id, rnd=rnd, vocab=vocab_size(cfg.model_spec()), secret=secret(),
+                      max_bytes=settings_of(app).max_payload_bytes, reference=reference)
+
+
+def _fold_nodes(st: Store, job_id: str, rnd: int, seal: Seal, merge) -> dict[str, dict]:
+    """Fold every arrived payload into `merge`; the final record of each of seal's nodes."""
+
+    def fold(node: str, payload: bytes) -> tuple[None, int]:
+        return None, merge.fold(node, payload, st.get_blob(job_id, f"diag/{rnd}/{node}"))
+
+    _, final = classify_nodes(st, job_id, rnd, seal.states, fold)
+    for node, v in final.items():
+        st.node_update(job_id, rnd, node, final=v["status"])
+    return final
+
+
+def _fold_groups(st: Store, job_id: str, rnd: int, seal: Seal, merge, groups: int) -> tuple[dict[str, dict], list]:
+    """The root's merge: add each written group's partial sums; a node whose group is not written
+    (or whose partial is bad) did not merge. Returns the final records and each group's merge time."""
+    records = group_results(st, job_id, rnd, groups)
+    final: dict[str, dict] = {}
+    for g, record in records.items():
+        group_final = record["nodes"]
+        if "error" not in record:
+            try:
+                merge.fold_partial(f"g{g}", blob(st, job_id, f"partial/{rnd}/{g}"))
+            except PayloadError as e:
+                group_final = {n: {"status": NodeStatus.REJECTED.value, "reason": f"group {g}'s partial: {e}",
+                                   "retries": v.get("retries", 0)} for n, v in group_final.items()}
+        final.update(group_final)
+    for node in seal.states:
+        if node not in final:
+            final[node] = {"status": NodeStatus.LATE.value, "reason": "its group's merge did not finish", "retries": 0}
+            st.node_update(job_id, rnd, node, final=NodeStatus.LATE.value)
+    return {n: final[n] for n in seal.states}, [records[g].get("t_merge") for g in sorted(records)]
+
+
+def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, groups: int) -> dict:
+    from pipeline.fpld.steps import average_weights, merge_and_distill
 
     job = JobRecord(st.r, job_id)
     cfg = job_config(job_id)
     device = device_for(cfg.device)
     student = blob(st, job_id, f"student/{rnd}")
     probe, eval_windows = public_windows(job_id, "probe"), public_windows(job_id, "eval")
-    sparse = cfg.method == "fpld" and cfg.payload == "sparse"
-    merge = RoundMerge(cfg, job=job_id, rnd=rnd, vocab=vocab_size(cfg.model_spec()), secret=secret(),
-                       max_bytes=settings_of(app).max_payload_bytes,
-                       reference=reference_logits(cfg, student, probe, device) if sparse else None)
-
-    def fold(node: str, payload: bytes) -> tuple[None, int]:
-        return None, merge.fold(node, payload, st.get_blob(job_id, f"diag/{rnd}/{node}"))
-
+    merge = _round_merge(st, job_id, rnd)
     t_merge = time.perf_counter()
-    _, final = classify_nodes(st, job_id, rnd, seal.states, fold)
-    t_merge = time.perf_counter() - t_merge
-    for node, v in final.items():
-        st.node_update(job_id, rnd, node, final=v["status"])
-    result: dict = {"round": rnd, "nodes": final, "merged": merge.count, "open_s": seal.open_s,
-                    "sealed_at": seal.sealed_at, "t_merge": t_merge}
+    result: dict = {"round": rnd, "open_s": seal.open_s, "sealed_at": seal.sealed_at}
+    if groups > 1:
+        final, result["t_group_merge"] = _fold_groups(st, job_id, rnd, seal, merge, groups)
+    else:
+        final = _fold_nodes(st, job_id, rnd, seal, merge)
+    result.update(nodes=final, merged=merge.count, t_merge=time.perf_counter() - t_merge)
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         job.event("round_failed", round=rnd, error=error)

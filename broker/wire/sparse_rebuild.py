@@ -162,6 +162,19 @@ class SparseLogprobMean:
         self.delta[self._fast_rows, ids_f] += top - ref_top - a[:, None]
         self.count += 1
 
+    def state(self) -> tuple[dict[str, np.ndarray], int]:
+        """The sums (mostly zeros: at most count * k nonzeros per row) and their count."""
+        return {"shift": self.shift, "delta": self.delta}, self.count
+
+    def add_state(self, arrays: dict[str, np.ndarray], count: int) -> None:
+        """Add the state() of another SparseLogprobMean over the same reference."""
+        if count:
+            if arrays["shift"].shape != self.shift.shape or arrays["delta"].shape != self.delta.shape:
+                raise ValueError(f"partial shapes {arrays['delta'].shape} do not match {self.delta.shape}")
+            self.shift += arrays["shift"]
+            self.delta += arrays["delta"]
+            self.count += count
+
     def mean(self) -> np.ndarray:
         if not self.count:
             raise ValueError("the mean of no payloads")

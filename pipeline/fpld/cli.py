@@ -19,6 +19,9 @@ from pipeline.cli_errors import broker_option, one_line_errors, secret_option, s
 @click.option("--dither/--no-dither", default=True, show_default=True, help="Subtractive dither in the quantizer.")
 @click.option("--compress/--no-compress", default=False, show_default=True, help="zstd on top of bit-packing.")
 @click.option("--quorum", type=int, default=None, help="Nodes that must merge per round [default: 3/4 of nodes].")
+@click.option("--merge-groups", default=0, show_default=True,
+              help="Two-level merge: group aggregators fold runs of nodes into partial sums, a root adds them. "
+                   "1: one aggregator folds every payload; 0: 1 below 32 nodes, about sqrt(nodes) from 32.")
 @click.option("--round-timeout", default=600.0, show_default=True,
               help="Seconds until a round's deadline; later payloads are dropped.")
 @click.option("--corpus", "-c", multiple=True, type=click.Path(path_type=Path),
@@ -62,7 +65,7 @@ from pipeline.cli_errors import broker_option, one_line_errors, secret_option, s
 @broker_option
 @secret_option
 @one_line_errors
-def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, corpus, local_steps, distill_steps,
+def fpld(nodes, rounds, bits, clip, dither, compress, quorum, merge_groups, round_timeout, corpus, local_steps, distill_steps,
          probe_seqs, eval_seqs, method, payload, topk, model, lora_rank, device, block_size, n_layer, n_embd, n_head,
          batch_size, lr, distill_lr, seed, measure_teacher_kl, fault, out, quiet, broker, secret) -> None:
     """Federated probe-logit distillation (arXiv 2605.09986).
@@ -91,7 +94,7 @@ def fpld(nodes, rounds, bits, clip, dither, compress, quorum, round_timeout, cor
             raise ConfigError(f"--fault takes NODE=SPEC, got {item!r}")
         faults[node.strip()] = spec.strip()
     cfg = FPLDConfig(nodes=nodes, rounds=rounds, bits=bits, clip=clip, dither=dither, compress=compress,
-                     quorum=quorum, round_timeout=round_timeout, corpus=[str(p) for p in corpus],
+                     quorum=quorum, merge_groups=merge_groups, round_timeout=round_timeout, corpus=[str(p) for p in corpus],
                      local_steps=local_steps, distill_steps=distill_steps, probe_seqs=probe_seqs,
                      eval_seqs=eval_seqs, seed=seed, measure_teacher_kl=measure_teacher_kl, method=method,
                      payload=payload, topk=topk, model=model, lora_rank=lora_rank, device=device,

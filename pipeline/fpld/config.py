@@ -11,6 +11,15 @@ from pipeline.models.spec import ModelSpec
 from pipeline.models.tokenizer import ByteTokenizer
 
 
+def auto_merge_groups(nodes: int) -> int:
+    """One merge up to AUTO_GROUPS_FROM nodes; beyond, about sqrt(K) groups of about sqrt(K) nodes,
+    which balances a group's K/G folds against the root's G."""
+    return 1 if nodes < AUTO_GROUPS_FROM else round(nodes ** 0.5)
+
+
+AUTO_GROUPS_FROM = 32
+
+
 @dataclass
 class FPLDConfig(JobConfig):
     """Federated probe-logit distillation (arXiv 2605.09986, Algorithm 1)."""
@@ -33,6 +42,9 @@ class FPLDConfig(JobConfig):
     """nodes that must merge for a round to count; default ceil(0.75 * nodes)"""
     round_timeout: float = 600.0
     """seconds from dispatch to the round's deadline; later payloads are dropped"""
+    merge_groups: int = 0
+    """two-level merge: group aggregators each fold a run of nodes' payloads into partial sums and
+    the root adds those (broker/round_gate.py); 1 is a single merge, 0 picks by the node count"""
     # training
     local_steps: int = 150
     checkpoint_every: int = 50
@@ -79,6 +91,13 @@ class FPLDConfig(JobConfig):
         return self.quorum if self.quorum is not None else default_quorum(self.nodes)
 
     @property
+    def merge_group_count(self) -> int:
+        """Groups of a two-level merge; 1 is a single aggregator folding every payload."""
+        if self.merge_groups:
+            return min(self.merge_groups, self.nodes)
+        return auto_merge_groups(self.nodes)
+
+    @property
     def node_ids(self) -> list[str]:
         return [str(i) for i in range(self.nodes)]
 
@@ -98,6 +117,7 @@ class FPLDConfig(JobConfig):
         need(self.clip > 0, f"--clip must be positive, got {self.clip}")
         need(1 <= self.effective_quorum <= self.nodes,
              f"--quorum must be between 1 and --nodes ({self.nodes}), got {self.effective_quorum}")
+        need(self.merge_groups >= 0, f"--merge-groups must be 0 (auto) or more, got {self.merge_groups}")
         need(self.round_timeout > 0, f"--round-timeout must be positive, got {self.round_timeout}")
         for name in ("local_steps", "checkpoint_every", "distill_steps", "batch_size", "probe_seqs", "eval_seqs", "block_size",
                      "n_layer", "n_head", "n_embd"):

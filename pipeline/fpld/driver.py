@@ -100,6 +100,8 @@ def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, work
             path.write_bytes(shard.tobytes())
             specs.append(WorkerSpec("node", i, (str(path),)))
         specs.append(WorkerSpec("aggregator"))
+        if cfg.merge_group_count > 1:  # group merges run two at a time, beside the nodes
+            specs.append(WorkerSpec("aggregator", worker_name="aggregator1"))
         preload = PRELOAD + (("workers.preload_hf",) if cfg.model else ())  # modules the fork server shares
         with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly, tls=tls, preload=preload) as fleet:
             yield fleet
@@ -193,7 +195,8 @@ def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int
     progress.round_started(rnd, cfg.rounds, nodes, cfg.local_steps, cfg.distill_steps)
     # The node that completes the round sends the merge; at the deadline we do, if none has
     # (broker/round_gate.py). No worker waits meanwhile.
-    open_round(st, job.id, rnd, nodes, keys.FPLD_AGGREGATE_TASK, [job.id, rnd, deadline])
+    open_round(st, job.id, rnd, nodes, keys.FPLD_AGGREGATE_TASK, [job.id, rnd, deadline],
+               groups=cfg.merge_group_count, group_task=keys.FPLD_GROUP_MERGE_TASK)
     for node in nodes:
         app.send_task(keys.FPLD_NODE_TASK, args=[job.id, rnd, node], shadow=f"fpld node {node} r{rnd} {job.id}")
     # The aggregator decides the round; we only watch. Allow it time to distill after the deadline.

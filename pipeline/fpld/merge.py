@@ -15,7 +15,8 @@ import threading
 
 import numpy as np
 
-from broker.wire.codec import decode_logits
+from broker.wire.codec import PayloadError, decode_logits
+from broker.wire.partial import decode_partial, encode_partial
 from broker.wire.sparse import decode_sparse_logits
 from broker.wire.sparse_rebuild import SparseLogprobMean
 from broker.wire.weights import decode_weights
@@ -65,6 +66,21 @@ class RoundMerge:
             if full is not None:
                 self.full.add(full)
         return nbytes
+
+    def partial(self, group: str) -> bytes:
+        """This merge's sums, signed for the root of a two-level merge (a group aggregator's output)."""
+        sums = {"teacher": self.teacher.state(), "full": self.full.state()}
+        return encode_partial(sums, secret=self.secret, job=self.job, round=self.rnd, group=group)
+
+    def fold_partial(self, group: str, wire: bytes) -> None:
+        """Add a group aggregator's sums: the root's merge. Raises PayloadError."""
+        sums = decode_partial(wire, secret=self.secret, max_bytes=1 << 40, expect_job=self.job,
+                              expect_round=self.rnd, expect_group=group)
+        if set(sums) != {"teacher", "full"}:
+            raise PayloadError(f"group {group}'s partial holds {sorted(sums)}, not the teacher's and diagnostic's sums")
+        with self._lock:
+            self.teacher.add_state(*sums["teacher"])
+            self.full.add_state(*sums["full"])
 
     def full_teacher(self) -> np.ndarray | None:
         """The full-precision teacher of the same nodes, when every merged node sent one."""
