@@ -116,7 +116,7 @@ def worker(role, node_id, data, threads, state_dir, concurrency, name, models, d
 
     configure(app, settings, queues=(queue,) if role == "node" or serve is not None else ())
     app.worker_main(["worker", "-Q", queue, "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h",
-                     "-l", loglevel, "-E", "--without-gossip", "--without-mingle"])
+                     "-l", loglevel, "--without-gossip", "--without-mingle"])
 
 
 flower_option = click.option("--flower-url", envvar="LMTEAM_FLOWER_URL", default="http://localhost:5555",

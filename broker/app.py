@@ -74,9 +74,9 @@ def celery_config(settings: FleetSettings, queues: tuple[str, ...] = ()) -> dict
         task_time_limit=settings.hard_time_limit,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        # Flower shows tasks only when workers send events.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Flower shows tasks only when workers send events (broker/settings.py: task_events).
+        worker_send_task_events=settings.task_events is not False,
+        task_send_sent_event=settings.task_events is not False,
         worker_hijack_root_logger=False,
     )
 

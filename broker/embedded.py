@@ -191,8 +191,11 @@ class EmbeddedFleet:
 
     def start(self) -> None:
         self.redis.start()
+        # Task events only if asked for: nobody watches an embedded fleet unless a Flower is
+        # pointed at it, and a Flower turns them on itself.
         self.settings = replace(self.base, broker_url=self.redis.url, result_backend=None,
-                                secret=self.base.secret or secrets.token_hex(32))
+                                secret=self.base.secret or secrets.token_hex(32),
+                                task_events=bool(self.base.task_events))
         for spec in self.specs:
             self.start_worker(spec)
 

@@ -21,6 +21,14 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def _flag(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise SettingsError(f"an LMTEAM_ on/off setting takes 1 or 0, got {value!r}")
+    return value.lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     """How to reach the fleet and how it behaves under faults. Times are seconds, sizes bytes."""
@@ -49,12 +57,16 @@ class FleetSettings:
     heartbeat_s: float = 5.0
     """A worker beats this often; after 3 missed beats `lmteam status` shows it lost."""
     payload_keep_s: int = 0
+    """How long a round's payloads stay once it is merged (0: deleted at the merge; more to debug)."""
     job_keep_s: int = 7 * 86400
     """How long a finished job stays in Redis: its record, events and per-round facts (`lmteam status JOB`)."""
     blob_keep_s: int = 86400
     """How long a finished job's blobs (students, experts, probe and eval sets) stay (0: deleted when it
     ends); the submitter's run dir keeps the results. Serving a SmallTalk run by its job id needs them."""
-    """How long a round's payloads stay once it is merged (0: deleted at the merge; more to debug)."""
+    task_events: bool | None = None
+    """Celery task events, what Flower shows. None: on in `lmteam worker` (a fleet Flower watches), off
+    in an embedded fleet (at 64 nodes they took a fifth of a round's CPU). Flower turns them on in
+    running workers whenever it is connected (its --enable_events, on by default)."""
     serve_batch: int = 16
     """Most prompts a serving replica generates in one forward (those queued for it when it starts one)."""
 
@@ -76,6 +88,7 @@ class FleetSettings:
             job_keep_s=int(_env("JOB_KEEP_S", str(cls.job_keep_s))),
             blob_keep_s=int(_env("BLOB_KEEP_S", str(cls.blob_keep_s))),
             serve_batch=int(_env("SERVE_BATCH", str(cls.serve_batch))),
+            task_events=_flag(_env("TASK_EVENTS")),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -107,7 +120,7 @@ class FleetSettings:
         env = {}
         for key, value in asdict(self).items():
             if value is not None:
-                env[ENV_PREFIX + key.upper()] = str(value)
+                env[ENV_PREFIX + key.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         return env
 
     def public_dict(self) -> dict[str, object]:

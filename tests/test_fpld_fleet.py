@@ -127,6 +127,8 @@ def test_two_level_merge_gives_the_one_level_student(fleet):
     assert r2["student_ppl"] < two["summary"]["initial_ppl"]  # distilled from a real teacher
     assert all(store.get_blob(two["job"], f"partial/0/{g}") is None for g in (0, 1))
     assert two["config"]["merge_groups"] == 2
+    # auto, on a fleet of one aggregator worker: a single merge, and the record says so
+    assert drive(tiny_config(corpus, round_timeout=30.0), f.settings, data)["config"]["merge_groups"] == 1
 
 
 def test_two_level_merge_drops_a_slow_node_at_the_deadline(fleet):

@@ -34,7 +34,7 @@ def test_flower_and_status_show_the_job(tmp_path):
     corpus = tiny_corpus(tmp_path)
     cfg = tiny_config(corpus, round_timeout=60.0)
     data = prepare_data(cfg, load_domains(cfg))
-    with local_fleet(cfg, data, FleetSettings()) as fleet:
+    with local_fleet(cfg, data, FleetSettings(task_events=True)) as fleet:
         store = Store.from_url(fleet.settings.backend_url)
         fleet.wait_ready(store.r)
         port = free_port()

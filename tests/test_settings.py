@@ -70,3 +70,30 @@ def test_fpld_config_parser_fuzz_only_raises_config_error(d):
     except ConfigError:
         return
     assert FPLDConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_task_events_travel_to_workers_and_default_by_where_they_run(monkeypatch):
+    from broker.app import celery_config
+
+    monkeypatch.delenv("LMTEAM_TASK_EVENTS", raising=False)
+    assert FleetSettings.from_env().task_events is None
+    assert celery_config(FleetSettings())["worker_send_task_events"] is True  # `lmteam worker`: Flower watches
+    off = FleetSettings(task_events=False)
+    assert off.to_env()["LMTEAM_TASK_EVENTS"] == "0"
+    monkeypatch.setenv("LMTEAM_TASK_EVENTS", "0")
+    assert FleetSettings.from_env() == FleetSettings(task_events=False)
+    assert celery_config(FleetSettings.from_env())["worker_send_task_events"] is False
+    monkeypatch.setenv("LMTEAM_TASK_EVENTS", "maybe")
+    with pytest.raises(SettingsError, match="takes 1 or 0"):
+        FleetSettings.from_env()
+
+
+def test_auto_merge_groups_needs_many_nodes_and_two_aggregators():
+    from pipeline.fpld.config import auto_merge_groups
+
+    assert auto_merge_groups(64, aggregators=4) == 1  # one aggregator keeps up (bench/results/fleet_scale.json)
+    assert auto_merge_groups(1000, aggregators=1) == 1  # groups taking turns on one worker only add work
+    assert auto_merge_groups(128, aggregators=2) == 11 and auto_merge_groups(1000, aggregators=2) == 32
+    assert FPLDConfig(nodes=8, merge_groups=20).merge_group_count == 8  # never more groups than nodes
+    with pytest.raises(ConfigError, match="merge-groups"):
+        FPLDConfig(merge_groups=-1).validate()

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
 
 from broker import keys
 from broker.app import app, settings_of
 from broker.faults import Fault, parse_faults
 from broker.jobs import JobRecord, NodeStatus
-from broker.round_gate import Seal, classify_nodes, group_results, merge_groups, quorum_error, round_groups
+from broker.round_gate import (
+    MERGE_THREADS,
+    Seal,
+    classify_nodes,
+    group_results,
+    merge_groups,
+    quorum_error,
+    round_groups,
+)
 from broker.store import Store
 from broker.wire.codec import PayloadError, encode_logits
 from pipeline.fpld.config import FPLDConfig
@@ -131,14 +140,21 @@ def _fold_groups(st: Store, job_id: str, rnd: int, seal: Seal, merge, groups: in
     (or whose partial is bad) did not merge. Returns the final records and each group's merge time."""
     records = group_results(st, job_id, rnd, groups)
     final: dict[str, dict] = {}
+
+    def fold(g: int) -> None:
+        merge.fold_partial(f"g{g}", blob(st, job_id, f"partial/{rnd}/{g}"))
+
+    # fetched and decoded a few at a time, as node payloads are (broker/round_gate.classify_nodes)
+    with ThreadPoolExecutor(max_workers=MERGE_THREADS) as pool:
+        folds = {g: pool.submit(fold, g) for g, record in records.items() if "error" not in record}
     for g, record in records.items():
         group_final = record["nodes"]
-        if "error" not in record:
-            try:
-                merge.fold_partial(f"g{g}", blob(st, job_id, f"partial/{rnd}/{g}"))
-            except PayloadError as e:
-                group_final = {n: {"status": NodeStatus.REJECTED.value, "reason": f"group {g}'s partial: {e}",
-                                   "retries": v.get("retries", 0)} for n, v in group_final.items()}
+        try:
+            if g in folds:
+                folds[g].result()
+        except PayloadError as e:
+            group_final = {n: {"status": NodeStatus.REJECTED.value, "reason": f"group {g}'s partial: {e}",
+                               "retries": v.get("retries", 0)} for n, v in group_final.items()}
         final.update(group_final)
     for node in seal.states:
         if node not in final:

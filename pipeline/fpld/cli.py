@@ -21,7 +21,8 @@ from pipeline.cli_errors import broker_option, one_line_errors, secret_option, s
 @click.option("--quorum", type=int, default=None, help="Nodes that must merge per round [default: 3/4 of nodes].")
 @click.option("--merge-groups", default=0, show_default=True,
               help="Two-level merge: group aggregators fold runs of nodes into partial sums, a root adds them. "
-                   "1: one aggregator folds every payload; 0: 1 below 32 nodes, about sqrt(nodes) from 32.")
+                   "1: one aggregator folds every payload; 0: about sqrt(nodes) groups from 128 nodes when "
+                   "2+ aggregator workers are up, else 1.")
 @click.option("--round-timeout", default=600.0, show_default=True,
               help="Seconds until a round's deadline; later payloads are dropped.")
 @click.option("--corpus", "-c", multiple=True, type=click.Path(path_type=Path),

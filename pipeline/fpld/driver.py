@@ -38,7 +38,7 @@ from pipeline.data import (
     windows_to_bytes,
 )
 from pipeline.files import write_atomic
-from pipeline.fpld.config import FPLDConfig
+from pipeline.fpld.config import FPLDConfig, auto_merge_groups
 from pipeline.fpld.steps import initial_student
 from pipeline.models.lm import load_state_bytes, state_bytes, tokenizer_for, vocab_size
 from pipeline.models.spec import ModelError, local_source, make_spec
@@ -100,7 +100,7 @@ def local_fleet(cfg: FPLDConfig, data: PublicData, settings: FleetSettings, work
             path.write_bytes(shard.tobytes())
             specs.append(WorkerSpec("node", i, (str(path),)))
         specs.append(WorkerSpec("aggregator"))
-        if cfg.merge_group_count > 1:  # group merges run two at a time, beside the nodes
+        if cfg.merge_group_count > 1 or auto_merge_groups(cfg.nodes, aggregators=2) > 1:  # two group merges at a time
             specs.append(WorkerSpec("aggregator", worker_name="aggregator1"))
         preload = PRELOAD + (("workers.preload_hf",) if cfg.model else ())  # modules the fork server shares
         with EmbeddedFleet(specs, settings, workdir=workdir, appendonly=appendonly, tls=tls, preload=preload) as fleet:
@@ -143,6 +143,9 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
     st = Store(connect_checked(settings.backend_url), ttl=settings.blob_ttl)
     check_fleet_secret(st.r, settings.secret)
     _warn_missing_workers(st, cfg, progress)
+    if not cfg.merge_groups:  # auto, against the fleet as it is now; the record keeps the number
+        aggregators = sum(w["queue"] == keys.AGGREGATOR_QUEUE for w in live_queues(st.r).values())
+        cfg = replace(cfg, merge_groups=auto_merge_groups(cfg.nodes, aggregators))
     job_id = job_id or new_job_id("fpld")
     job = JobRecord.create(st.r, job_id, "fpld", cfg.to_dict(), settings.public_dict(), ttl=settings.blob_ttl)
     st.put_blob(job_id, "probe", windows_to_bytes(data.probe))
@@ -201,7 +204,8 @@ def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int
         app.send_task(keys.FPLD_NODE_TASK, args=[job.id, rnd, node], shadow=f"fpld node {node} r{rnd} {job.id}")
     # The aggregator decides the round; we only watch. Allow it time to distill after the deadline.
     result = follow_round(st, app, job.id, rnd, deadline, cfg.round_timeout + 600 + 20 * cfg.distill_steps,
-                          on_poll=lambda: progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"])),
+                          on_poll=(lambda: progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"])))
+                          if progress.shows_nodes else None,
                           shadow=f"fpld aggregate r{rnd} {job.id}")
     if result is None:
         raise JobFailed(f"round {rnd}: no result from the aggregator (is an aggregator worker running?)")

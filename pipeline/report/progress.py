@@ -9,6 +9,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 class NullProgress:
+    shows_nodes = False  # whether update() draws anything: if not, nobody reads the node records for it
+
     def __enter__(self) -> NullProgress:
         return self
 
@@ -27,6 +29,8 @@ class NullProgress:
 
 class RichProgress(NullProgress):
     """Bars show local-training steps per node, loss, bytes sent and retries; then distillation."""
+
+    shows_nodes = True
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(file=sys.stderr)
