@@ -113,8 +113,8 @@ class RedisPeak:
 def overheads(report: dict) -> dict[str, list[float]]:
     """Per counted round: the overhead as the issue defines it, the aggregator's merge (decode and
     fold every payload; in a two-level round the root's fold of the groups' sums, and the slowest
-    group's fold apart), its own learning work (one distillation step and the student's eval,
-    which Flower's rows do not do), and the nodes' compute phases' wall times summed: they overlap
+    group's fold apart), its own model compute (one distillation step, the student's eval and, for
+    sparse payloads, the student's reference probe logits, none of which Flower's rows do), and the nodes' compute phases' wall times summed: they overlap
     when K nodes share 2 cores, so a sum far above the round time shows how much they took turns,
     and all but the slowest node's compute then counts as overhead. Hence also the round's CPU
     bound, the nodes' summed CPU seconds over the machine's cores, and the overhead beyond
@@ -128,7 +128,7 @@ def overheads(report: dict) -> dict[str, list[float]]:
         out["over"].append(r["round_s"] - max(compute))
         out["merge"].append(float(r.get("t_merge", "nan")))
         out["group_merge"].append(max(r.get("t_group_merge") or [0.0]))
-        out["learn"].append(float(r.get("t_learn", "nan")))
+        out["learn"].append(float(r.get("t_learn", "nan")) + float(r.get("t_reference", 0.0)))
         out["total"].append(sum(compute))
         out["cpu_bound"].append(cpu_bound)
         out["beyond_cpu"].append(r["round_s"] - max(max(compute), cpu_bound))

@@ -142,8 +142,10 @@ class JobRecord:
 
     def event(self, type_: str, **fields: object) -> None:
         """Append to the job's timeline (the raw material of the team metrics)."""
-        self.r.rpush(self.events_key, json.dumps({"ts": time.time(), "type": type_, **fields}))
-        self.r.expire(self.events_key, self.ttl)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.events_key, json.dumps({"ts": time.time(), "type": type_, **fields}))
+        pipe.expire(self.events_key, self.ttl)
+        pipe.execute()
 
     def events(self) -> list[dict]:
         return [json.loads(x) for x in self.r.lrange(self.events_key, 0, -1)]

@@ -203,8 +203,10 @@ class Store:
     def node_update(self, job: str, rnd: int, node: str, **fields: object) -> None:
         """Record facts about a node's work in a round (timings, bytes, status)."""
         key = keys.node(job, rnd, node)
-        self.r.hset(key, mapping={k: _enc(v) for k, v in fields.items()})
-        self.r.expire(key, self.ttl)
+        pipe = self.r.pipeline(transaction=False)  # one round trip: 64 nodes' records add up
+        pipe.hset(key, mapping={k: _enc(v) for k, v in fields.items()})
+        pipe.expire(key, self.ttl)
+        pipe.execute()
 
     def node_update_if_open(self, job: str, rnd: int, node: str, **fields: object) -> bool:
         """As node_update, but only while the round is open (a failure after the seal changes nothing)."""

@@ -115,12 +115,14 @@ def _round_merge(st: Store, job_id: str, rnd: int):
 
     cfg = job_config(job_id)
     sparse = cfg.method == "fpld" and cfg.payload == "sparse"
-    reference = None
+    reference, t = None, time.perf_counter()
     if sparse:
         reference = reference_logits(cfg, blob(st, job_id, f"student/{rnd}"), public_windows(job_id, "probe"),
                                      device_for(cfg.device))
-    return RoundMerge(cfg, job=job_id, rnd=rnd, vocab=vocab_size(cfg.model_spec()), secret=secret(),
-                      max_bytes=settings_of(app).max_payload_bytes, reference=reference)
+    merge = RoundMerge(cfg, job=job_id, rnd=rnd, vocab=vocab_size(cfg.model_spec()), secret=secret(),
+                       max_bytes=settings_of(app).max_payload_bytes, reference=reference)
+    merge.t_reference = time.perf_counter() - t  # the student's own probe forward: model compute, not merging
+    return merge
 
 
 def _fold_nodes(st: Store, job_id: str, rnd: int, seal: Seal, merge) -> dict[str, dict]:
@@ -178,7 +180,8 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, groups: int) -> dic
         final, result["t_group_merge"] = _fold_groups(st, job_id, rnd, seal, merge, groups)
     else:
         final = _fold_nodes(st, job_id, rnd, seal, merge)
-    result.update(nodes=final, merged=merge.count, t_merge=time.perf_counter() - t_merge)
+    result.update(nodes=final, merged=merge.count, t_merge=time.perf_counter() - t_merge,
+                  t_reference=merge.t_reference)
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         job.event("round_failed", round=rnd, error=error)
