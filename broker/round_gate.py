@@ -173,17 +173,17 @@ def follow_round(st: Store, app: Celery, job_id: str, rnd: int, deadline: float,
         if on_poll is not None:
             on_poll()
         out = st.round_result(job_id, rnd)
-        if out is not None or st.now() < deadline:
+        if out is not None or "triggered" in sent or st.now() < deadline:
             return out
         task, args = st.r.hget(spec, "task").decode(), json.loads(st.r.hget(spec, "args"))
-        if groups == 1 and "triggered" not in sent:
+        if groups == 1:
             send("triggered", task, args)
-        elif groups > 1 and "gtriggered" not in sent:
+        elif "gtriggered" not in sent:
             sent.add("gtriggered")
             group_task = st.r.hget(spec, "group_task").decode()
             for g in range(groups):
                 send(f"gtriggered:{g}", group_task, args + [g])
-        elif groups > 1 and "triggered" not in sent and st.now() >= deadline + GROUP_GRACE_S:
+        elif st.now() >= deadline + GROUP_GRACE_S:
             send("triggered", task, args)
         return out
 
