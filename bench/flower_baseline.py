@@ -55,9 +55,10 @@ SPEC_ENV = "FLOWER_BENCH_SPEC"  # JSON: nodes, shape, dtype, rounds, out, roots_
 MAX_ACTORS = 8  # Ray client actors in simulation (fewer when K is smaller)
 RUN_TIMEOUT_S = 900
 DEPLOY_MAX_NODES = 16  # K above this: a deployment row with DEPLOY_SKIP_NOTE only
-DEPLOY_SKIP_NOTE = ("not run: on the shared 2-core machine K = 16 took 405 s (31 s a round: each round starts a "
-                    "flwr-clientapp process per node) and 51 processes, 3.7 GB PSS; K = 64 extrapolates to about "
-                    "20 min and 13 GB PSS. Raise DEPLOY_MAX_NODES to run it on a bigger machine")
+DEPLOY_SKIP_NOTE = ("not run: every round starts a flwr-clientapp process per node, so its time and memory grow with "
+                    "K (the K = 16 row of the same run says how much); on the shared 2-core machine K = 64 "
+                    "extrapolates to about 20 min and over 12 GB PSS. Raise DEPLOY_MAX_NODES to run it on a bigger "
+                    "machine")
 DEPLOYMENT_NOTE = ("flwr 1.42 defaults: the ServerApp's grid pulls replies every 3 s and each SuperNode pulls "
                    "messages every 3 s (both hard-coded), its SuperExec polls every 1 s and starts a flwr-clientapp "
                    "process per message (subprocess isolation, the default)")
