@@ -24,6 +24,8 @@ def print_fpld_summary(report: dict, console: Console | None = None) -> None:
         t.add_row(f"teacher-KL side channel node {node} (float32, not uplink)", f"{b:,}")
     t.add_row("float32 bytes per node per round", f"{s['float32_bytes_per_round']:,}")
     t.add_row("round time (s)", ", ".join(f"{x:.1f}" for x in s["round_s"]))
+    groups = min(int(cfg.get("merge_groups") or 1), cfg["nodes"])
+    t.add_row("merge", f"two-level: {groups} groups, then the root" if groups > 1 else "one aggregator")
     for key, label in (("dropped", "dropped (late)"), ("retried", "retried"), ("rejected", "rejected")):
         items = [f"r{r}: {','.join(v)}" for r, v in s[key].items() if v]
         t.add_row(label, "; ".join(items) or "none")
