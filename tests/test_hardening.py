@@ -118,3 +118,35 @@ def test_aggregator_killed_mid_distillation_merges_once_after_restart(setup):
         assert "error" not in box, box.get("error")
         assert box["report"]["rounds"][0]["merged"] == 4
         assert _merges_per_round(store, "fpld-aggkill") == {0: 1}
+
+
+def test_two_level_root_killed_mid_distillation_merges_once_after_restart(setup):
+    """A two-level round (2 groups, two aggregator workers): SIGKILL whichever aggregator distills as
+    the root; restarted under its name it takes the root merge back, finds the groups' partial sums
+    still there, and the round merges once, every node in."""
+    import socket
+
+    from broker import keys
+
+    corpus, data = setup
+    cfg = tiny_config(corpus, distill_steps=4000, quorum=4, round_timeout=60.0, merge_groups=2)
+    with local_fleet(cfg, data, FleetSettings(visibility_timeout=7200)) as fleet:
+        store = Store.from_url(fleet.settings.backend_url)
+        fleet.wait_ready(store.r)
+        assert {"aggregator", "aggregator1"} <= set(fleet.procs)
+        t, box = in_thread(lambda: drive(cfg, fleet.settings, data, job_id="fpld-rootkill"))
+        assert wait_until(lambda: int(store.node_state("fpld-rootkill", 0, "aggregator").get("step", 0)) >= 100, 90)
+        host = socket.gethostname()
+        root = [n for n in ("aggregator", "aggregator1") if store.r.scard(keys.worker_claims(f"{n}@{host}"))]
+        assert len(root) == 1, root  # the root's merge is claimed by exactly one worker
+        fleet.kill_worker(root[0])
+        assert int(store.node_state("fpld-rootkill", 0, "aggregator")["step"]) < cfg.distill_steps - 1
+        assert store.get_blob("fpld-rootkill", "partial/0/0") is not None  # kept until the result is written
+        fleet.start_worker(WorkerSpec("aggregator", worker_name=None if root[0] == "aggregator" else root[0]))
+        t.join(180)
+        assert not t.is_alive(), "the root merge was not taken back"
+        assert "error" not in box, box.get("error")
+        assert box["report"]["rounds"][0]["merged"] == 4
+        assert len(box["report"]["rounds"][0]["t_group_merge"]) == 2
+        assert _merges_per_round(store, "fpld-rootkill") == {0: 1}
+        assert store.get_blob("fpld-rootkill", "partial/0/0") is None
