@@ -227,8 +227,8 @@ def seal_group_when_due(st: Store, job_id: str, rnd: int, group: int, nodes: lis
     the deadline has passed. A group merging at the deadline seals the whole round first, so no
     payload can enter any group after a group has read its states. Seal() also when the group is
     merged already (its caller still reports it done: the worker that wrote it may have died)."""
-    if st.r.exists(keys.group_result(job_id, rnd, group)):
-        return Seal()
+    if st.r.exists(keys.group_result(job_id, rnd, group)) or st.round_result(job_id, rnd) is not None:
+        return Seal()  # merged already, or the root gave up on this group (its nodes were counted late)
     states = st.round_nodes(job_id, rnd, nodes)
     left = deadline - st.now()
     complete = all(s.get("status") in FINAL for s in states.values())

@@ -143,3 +143,13 @@ def test_a_group_merges_early_only_when_complete_and_at_the_deadline_seals_the_r
     root = seal_root_when_due(st, "j3", 0, nodes, deadline=st.now() - 1000, owner="r")
     assert set(root.states) == set(nodes)
     assert seal_root_when_due(st, "j3", 0, nodes, deadline=st.now() - 1000, owner="other").states is None
+
+
+def test_a_group_merge_after_the_root_gave_up_on_it_does_nothing(redis_client):
+    from broker.round_gate import seal_group_when_due
+
+    st = Store(redis_client)
+    open_round(st, "j4", 0, ["0", "1"], "root.task", [], groups=2, group_task="group.task")
+    st.put_round_result("j4", 0, {"status": "ok"})  # the root merged past the grace, without group 1
+    late = seal_group_when_due(st, "j4", 0, 1, ["1"], deadline=st.now() - 1000, owner="a")
+    assert late.states is None and late.retry_in == 0
