@@ -19,7 +19,8 @@ payloads into partial sums, writes them, and the group that completes the set of
 the root's merge, which adds G partial sums instead of K payloads. Groups merge while other
 groups' nodes still compute. At the deadline the submitter sends every group merge not yet sent;
 the first to run seals the whole round (no payload enters any group after that), and the root
-merges whatever groups are written by `deadline + GROUP_GRACE_S`, the nodes of a missing group
+merges whatever groups are written by the deadline plus a grace (open_round's `grace_s`, kept in
+the round's spec so the submitter and the root agree), the nodes of a missing group
 counted late.
 """
 
@@ -95,7 +96,6 @@ if redis.call('HSETNX', spec, 'triggered', '1') == 0 then return false end
 return {redis.call('HGET', spec, 'task'), redis.call('HGET', spec, 'args')}
 """
 
-GROUP_GRACE_S = 120.0  # after the deadline, how long the root waits for group merges still running
 MERGE_THREADS = min(4, os.cpu_count() or 1)  # payloads fetched and decoded at once by a merge
 FINAL = ("arrived", "failed")  # a node in one of these has done its part of the round
 
@@ -108,9 +108,10 @@ def merge_groups(nodes: list[str], groups: int) -> list[list[str]]:
 
 
 def open_round(st: Store, job_id: str, rnd: int, nodes: list[str], merge_task: str, merge_args: list,
-               groups: int = 1, group_task: str = "") -> None:
+               groups: int = 1, group_task: str = "", grace_s: float = 120.0) -> None:
     """Before the node tasks go out: which nodes the round waits for, and the task that merges them.
-    With groups > 1 (and group_task, called with merge_args + [group]), a two-level round."""
+    With groups > 1 (and group_task, called with merge_args + [group]), a two-level round whose root
+    waits up to grace_s past the deadline for group merges still running."""
     key = keys.round_spec(job_id, rnd)
     spec: dict[str, object] = {"expected": len(nodes), "task": merge_task, "args": json.dumps(merge_args),
                                "opened_at": f"{st.now():.6f}"}
@@ -118,7 +119,7 @@ def open_round(st: Store, job_id: str, rnd: int, nodes: list[str], merge_task: s
     if len(parts) > 1:
         if not group_task:
             raise ValueError("a round with merge groups needs the group merge task")
-        spec.update(groups=len(parts), group_task=group_task)
+        spec.update(groups=len(parts), group_task=group_task, grace_s=grace_s)
         for g, part in enumerate(parts):
             spec[f"gsize:{g}"] = len(part)
             spec.update({f"g:{n}": g for n in part})
@@ -159,7 +160,7 @@ def follow_round(st: Store, app: Celery, job_id: str, rnd: int, deadline: float,
     """The submitter's side of a round opened with open_round: the round's result, or None after
     give_up_s. At the deadline, send every merge no arrival has sent yet (the round's, or each
     group's): the nodes that are in get merged, the rest are late. A two-level round whose groups
-    are not all written by deadline + GROUP_GRACE_S gets its root merge sent too."""
+    are not all written by the deadline plus its grace gets its root merge sent too."""
     spec = keys.round_spec(job_id, rnd)
     groups = round_groups(st, job_id, rnd)
     sent: set[str] = set()
@@ -183,7 +184,7 @@ def follow_round(st: Store, app: Celery, job_id: str, rnd: int, deadline: float,
             group_task = st.r.hget(spec, "group_task").decode()
             for g in range(groups):
                 send(f"gtriggered:{g}", group_task, args + [g])
-        elif st.now() >= deadline + GROUP_GRACE_S:
+        elif st.now() >= deadline + float(st.r.hget(spec, "grace_s") or 0):
             send("triggered", task, args)
         return out
 
@@ -244,11 +245,11 @@ def seal_group_when_due(st: Store, job_id: str, rnd: int, group: int, nodes: lis
 
 
 def seal_root_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadline: float, owner: str) -> Seal:
-    """The root of a two-level round: due when every group is written, or GROUP_GRACE_S after the
+    """The root of a two-level round: due when every group is written, or its grace after the
     deadline. Seals the round (nodes not in yet are late) and claims the merge, as seal_when_due."""
     if st.round_result(job_id, rnd) is not None:
         return Seal()
-    left = deadline + GROUP_GRACE_S - st.now()
+    left = deadline + float(st.r.hget(keys.round_spec(job_id, rnd), "grace_s") or 0) - st.now()
     if left > 0 and st.r.scard(keys.groups_done(job_id, rnd)) < round_groups(st, job_id, rnd):
         return Seal(retry_in=left)
     if not st.lua(_CLAIM)(keys=[keys.merge_owner(job_id, rnd)], args=[owner, st.ttl]):

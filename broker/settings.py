@@ -63,6 +63,9 @@ class FleetSettings:
     blob_keep_s: int = 86400
     """How long a finished job's blobs (students, experts, probe and eval sets) stay (0: deleted when it
     ends); the submitter's run dir keeps the results. Serving a SmallTalk run by its job id needs them."""
+    merge_grace_s: float = 120.0
+    """After a two-level round's deadline, how long its root waits for group merges still running;
+    the nodes of a group not merged by then count late."""
     task_events: bool | None = None
     """Celery task events, what Flower shows. None: on in `lmteam worker` (a fleet Flower watches), off
     in an embedded fleet (at 64 nodes, rounds took 2.3 s with them, 1.8 s without). Flower turns them on in
@@ -88,6 +91,7 @@ class FleetSettings:
             job_keep_s=int(_env("JOB_KEEP_S", str(cls.job_keep_s))),
             blob_keep_s=int(_env("BLOB_KEEP_S", str(cls.blob_keep_s))),
             serve_batch=int(_env("SERVE_BATCH", str(cls.serve_batch))),
+            merge_grace_s=float(_env("MERGE_GRACE_S", str(cls.merge_grace_s))),
             task_events=_flag(_env("TASK_EVENTS")),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -111,6 +115,8 @@ class FleetSettings:
             raise SettingsError("LMTEAM_MAX_RETRIES must be >= 0")
         if min(self.payload_keep_s, self.job_keep_s, self.blob_keep_s) < 0:
             raise SettingsError("LMTEAM_PAYLOAD_KEEP_S, LMTEAM_JOB_KEEP_S and LMTEAM_BLOB_KEEP_S must be >= 0")
+        if self.merge_grace_s < 0:
+            raise SettingsError("LMTEAM_MERGE_GRACE_S must be >= 0")
         if self.serve_batch < 1:
             raise SettingsError("LMTEAM_SERVE_BATCH must be >= 1")
         return self

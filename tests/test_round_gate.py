@@ -153,3 +153,33 @@ def test_a_group_merge_after_the_root_gave_up_on_it_does_nothing(redis_client):
     st.put_round_result("j4", 0, {"status": "ok"})  # the root merged past the grace, without group 1
     late = seal_group_when_due(st, "j4", 0, 1, ["1"], deadline=st.now() - 1000, owner="a")
     assert late.states is None and late.retry_in == 0
+
+
+def test_the_submitter_sends_missing_group_merges_at_the_deadline_and_the_root_after_the_grace(
+        redis_server, redis_client):
+    """Group 0 merged; group 1's nodes never arrive and nobody merges it. At the deadline the
+    submitter sends group 1's merge only; when the grace has passed with group 1 still unwritten,
+    it sends the root's, which is then due and merges without it."""
+    import json as json_
+
+    from broker import keys
+    from broker.app import client_app
+    from broker.round_gate import follow_round, group_done, seal_root_when_due
+    from broker.settings import FleetSettings
+
+    st = Store(redis_client)
+    nodes = ["0", "1", "2", "3"]
+    open_round(st, "j5", 0, nodes, keys.FPLD_AGGREGATE_TASK, ["j5", 0, 1.0], groups=2,
+               group_task=keys.FPLD_GROUP_MERGE_TASK, grace_s=0.5)
+    assert arrive(st, "j5", 0, "0") is None
+    assert arrive(st, "j5", 0, "1") == (keys.FPLD_GROUP_MERGE_TASK, ["j5", 0, 1.0, 0])  # sent by that node
+    assert group_done(st, "j5", 0, 0) is None
+    app = client_app(FleetSettings(broker_url=redis_server.url, task_events=False))
+    deadline = st.now()
+    assert seal_root_when_due(st, "j5", 0, nodes, deadline, owner="r").retry_in > 0  # within the grace
+    assert follow_round(st, app, "j5", 0, deadline, give_up_s=2.0, poll=0.05) is None  # no worker here
+    sent = [json_.loads(m)["headers"] for m in redis_client.lrange(keys.AGGREGATOR_QUEUE, 0, -1)]
+    assert sorted((h["task"], h["argsrepr"]) for h in sent) == [
+        (keys.FPLD_AGGREGATE_TASK, "['j5', 0, 1.0]"), (keys.FPLD_GROUP_MERGE_TASK, "['j5', 0, 1.0, 1]")]
+    root = seal_root_when_due(st, "j5", 0, nodes, deadline, owner="r")  # past the grace: due
+    assert set(root.states) == set(nodes) and st.is_closed("j5", 0)

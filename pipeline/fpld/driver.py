@@ -160,7 +160,7 @@ def drive(cfg: FPLDConfig, settings: FleetSettings, data: PublicData, *, out_dir
         try:
             with progress:
                 for rnd in range(cfg.rounds):
-                    result, timing = _run_round(app, cfg, st, job, rnd, progress)
+                    result, timing = _run_round(app, cfg, st, job, rnd, progress, settings.merge_grace_s)
                     rounds.append(result)
                     timings.append(timing)
                     if result["status"] != "ok":
@@ -189,7 +189,8 @@ def write_student(cfg: FPLDConfig, state: bytes, out_dir: Path) -> None:
     tmp.rename(final)
 
 
-def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: NullProgress):
+def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int, progress: NullProgress,
+               grace_s: float):
     nodes = cfg.node_ids
     dispatched = time.time()
     deadline = st.now() + cfg.round_timeout
@@ -199,11 +200,11 @@ def _run_round(app: Celery, cfg: FPLDConfig, st: Store, job: JobRecord, rnd: int
     # The node that completes the round sends the merge; at the deadline we do, if none has
     # (broker/round_gate.py). No worker waits meanwhile.
     open_round(st, job.id, rnd, nodes, keys.FPLD_AGGREGATE_TASK, [job.id, rnd, deadline],
-               groups=cfg.merge_group_count, group_task=keys.FPLD_GROUP_MERGE_TASK)
+               groups=cfg.merge_group_count, group_task=keys.FPLD_GROUP_MERGE_TASK, grace_s=grace_s)
     for node in nodes:
         app.send_task(keys.FPLD_NODE_TASK, args=[job.id, rnd, node], shadow=f"fpld node {node} r{rnd} {job.id}")
     # The aggregator decides the round; we only watch. Allow it time to distill after the deadline.
-    result = follow_round(st, app, job.id, rnd, deadline, cfg.round_timeout + 600 + 20 * cfg.distill_steps,
+    result = follow_round(st, app, job.id, rnd, deadline, cfg.round_timeout + grace_s + 600 + 20 * cfg.distill_steps,
                           on_poll=(lambda: progress.update(st.round_nodes(job.id, rnd, nodes + ["aggregator"])))
                           if progress.shows_nodes else None,
                           shadow=f"fpld aggregate r{rnd} {job.id}")
