@@ -162,7 +162,10 @@ def follow_round(st: Store, app: Celery, job_id: str, rnd: int, deadline: float,
     group's): the nodes that are in get merged, the rest are late. A two-level round whose groups
     are not all written by the deadline plus its grace gets its root merge sent too."""
     spec = keys.round_spec(job_id, rnd)
-    groups = round_groups(st, job_id, rnd)
+    # what the deadline sends is fixed when the round opens: read it once, not at every poll
+    task, args, group_task, groups, grace = st.r.hmget(spec, ["task", "args", "group_task", "groups", "grace_s"])
+    merge = (task.decode(), json.loads(args)) if task else None
+    groups, grace = int(groups or 1), float(grace or 0)
     sent: set[str] = set()
 
     def send(flag: str, task: str, args: list) -> None:
@@ -174,18 +177,15 @@ def follow_round(st: Store, app: Celery, job_id: str, rnd: int, deadline: float,
         if on_poll is not None:
             on_poll()
         out = st.round_result(job_id, rnd)
-        if out is not None or "triggered" in sent or st.now() < deadline:
+        if out is not None or merge is None or "triggered" in sent or st.now() < deadline:
             return out
-        task, args = st.r.hget(spec, "task").decode(), json.loads(st.r.hget(spec, "args"))
         if groups == 1:
-            send("triggered", task, args)
-        elif "gtriggered" not in sent:
-            sent.add("gtriggered")
-            group_task = st.r.hget(spec, "group_task").decode()
+            send("triggered", *merge)
+        elif "gtriggered:0" not in sent:
             for g in range(groups):
-                send(f"gtriggered:{g}", group_task, args + [g])
-        elif st.now() >= deadline + float(st.r.hget(spec, "grace_s") or 0):
-            send("triggered", task, args)
+                send(f"gtriggered:{g}", group_task.decode(), merge[1] + [g])
+        elif st.now() >= deadline + grace:
+            send("triggered", *merge)
         return out
 
     return wait_for(result, seconds_left(give_up_s), client=st.r, wake=keys.done(job_id, rnd), poll=poll)
@@ -199,6 +199,13 @@ class Seal:
     sealed_at: float = 0.0
     open_s: float = 0.0  # how long the round was open, on Redis's clock
     retry_in: float = 0.0
+
+
+def _sealed(st: Store, job_id: str, rnd: int, nodes: list[str]) -> Seal:
+    """The states to merge, read once no payload can enter them any more, and how long the round was open."""
+    opened = st.r.hget(keys.round_spec(job_id, rnd), "opened_at")
+    now = st.now()
+    return Seal(st.round_nodes(job_id, rnd, nodes), time.time(), now - float(opened) if opened else 0.0)
 
 
 def seal_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadline: float, owner: str) -> Seal:
@@ -217,9 +224,7 @@ def seal_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadline: 
     if not claimed:
         return Seal()
     st.close_round(job_id, rnd)
-    opened = st.r.hget(keys.round_spec(job_id, rnd), "opened_at")
-    now = st.now()
-    return Seal(st.round_nodes(job_id, rnd, nodes), time.time(), now - float(opened) if opened else 0.0)
+    return _sealed(st, job_id, rnd, nodes)
 
 
 def seal_group_when_due(st: Store, job_id: str, rnd: int, group: int, nodes: list[str], deadline: float,
@@ -239,9 +244,7 @@ def seal_group_when_due(st: Store, job_id: str, rnd: int, group: int, nodes: lis
         return Seal()
     if not complete:
         st.close_round(job_id, rnd)
-    now = st.now()
-    opened = st.r.hget(keys.round_spec(job_id, rnd), "opened_at")
-    return Seal(st.round_nodes(job_id, rnd, nodes), time.time(), now - float(opened) if opened else 0.0)
+    return _sealed(st, job_id, rnd, nodes)
 
 
 def seal_root_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadline: float, owner: str) -> Seal:
@@ -249,15 +252,14 @@ def seal_root_when_due(st: Store, job_id: str, rnd: int, nodes: list[str], deadl
     deadline. Seals the round (nodes not in yet are late) and claims the merge, as seal_when_due."""
     if st.round_result(job_id, rnd) is not None:
         return Seal()
-    left = deadline + float(st.r.hget(keys.round_spec(job_id, rnd), "grace_s") or 0) - st.now()
-    if left > 0 and st.r.scard(keys.groups_done(job_id, rnd)) < round_groups(st, job_id, rnd):
+    groups, grace = st.r.hmget(keys.round_spec(job_id, rnd), ["groups", "grace_s"])
+    left = deadline + float(grace or 0) - st.now()
+    if left > 0 and st.r.scard(keys.groups_done(job_id, rnd)) < int(groups or 1):
         return Seal(retry_in=left)
     if not st.lua(_CLAIM)(keys=[keys.merge_owner(job_id, rnd)], args=[owner, st.ttl]):
         return Seal()
     st.close_round(job_id, rnd)
-    opened = st.r.hget(keys.round_spec(job_id, rnd), "opened_at")
-    now = st.now()
-    return Seal(st.round_nodes(job_id, rnd, nodes), time.time(), now - float(opened) if opened else 0.0)
+    return _sealed(st, job_id, rnd, nodes)
 
 
 def group_results(st: Store, job_id: str, rnd: int, groups: int) -> dict[int, dict]:

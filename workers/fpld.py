@@ -88,7 +88,8 @@ def fpld_aggregate_round(self, job_id: str, rnd: int, deadline: float) -> dict:
     st = store()
     cfg = job_config(job_id)
     nodes, groups = cfg.node_ids, round_groups(st, job_id, rnd)
-    side = tuple(f"diag/{rnd}/{n}" for n in nodes) + tuple(f"partial/{rnd}/{g}" for g in range(groups if groups > 1 else 0))
+    side = tuple(f"diag/{rnd}/{n}" for n in nodes) + (tuple(f"partial/{rnd}/{g}" for g in range(groups))
+                                                      if groups > 1 else ())
     return merge_round(self, st, job_id, rnd, nodes, deadline, lambda seal: _aggregate(st, job_id, rnd, seal, groups),
                        side_blobs=side, root=groups > 1)
 
@@ -100,7 +101,7 @@ def fpld_group_merge(self, job_id: str, rnd: int, deadline: float, group: int) -
     nodes = merge_groups(job_config(job_id).node_ids, round_groups(st, job_id, rnd))[group]
 
     def merge(seal: Seal) -> tuple[bytes, dict]:
-        acc = _round_merge(st, job_id, rnd)
+        acc, _ = _round_merge(st, job_id, rnd, blob(st, job_id, f"student/{rnd}"))
         t = time.perf_counter()
         final = _fold_nodes(st, job_id, rnd, seal, acc)
         return acc.partial(f"g{group}"), {"nodes": final, "merged": acc.count, "t_merge": time.perf_counter() - t}
@@ -108,7 +109,9 @@ def fpld_group_merge(self, job_id: str, rnd: int, deadline: float, group: int) -
     return group_merge_round(self, st, job_id, rnd, group, nodes, deadline, merge)
 
 
-def _round_merge(st: Store, job_id: str, rnd: int):
+def _round_merge(st: Store, job_id: str, rnd: int, student: bytes):
+    """An empty merge of this round, and the seconds its reference logits took (sparse payloads:
+    the broadcast student's own probe forward, model compute rather than merging)."""
     from pipeline.fpld.merge import RoundMerge
     from pipeline.fpld.steps import reference_logits
     from pipeline.models.lm import vocab_size
@@ -117,12 +120,10 @@ def _round_merge(st: Store, job_id: str, rnd: int):
     sparse = cfg.method == "fpld" and cfg.payload == "sparse"
     reference, t = None, time.perf_counter()
     if sparse:
-        reference = reference_logits(cfg, blob(st, job_id, f"student/{rnd}"), public_windows(job_id, "probe"),
-                                     device_for(cfg.device))
-    merge = RoundMerge(cfg, job=job_id, rnd=rnd, vocab=vocab_size(cfg.model_spec()), secret=secret(),
-                       max_bytes=settings_of(app).max_payload_bytes, reference=reference)
-    merge.t_reference = time.perf_counter() - t  # the student's own probe forward: model compute, not merging
-    return merge
+        reference = reference_logits(cfg, student, public_windows(job_id, "probe"), device_for(cfg.device))
+    t_reference = time.perf_counter() - t
+    return RoundMerge(cfg, job=job_id, rnd=rnd, vocab=vocab_size(cfg.model_spec()), secret=secret(),
+                      max_bytes=settings_of(app).max_payload_bytes, reference=reference), t_reference
 
 
 def _fold_nodes(st: Store, job_id: str, rnd: int, seal: Seal, merge) -> dict[str, dict]:
@@ -173,7 +174,7 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, groups: int) -> dic
     device = device_for(cfg.device)
     student = blob(st, job_id, f"student/{rnd}")
     probe, eval_windows = public_windows(job_id, "probe"), public_windows(job_id, "eval")
-    merge = _round_merge(st, job_id, rnd)
+    merge, t_reference = _round_merge(st, job_id, rnd, student)
     t_merge = time.perf_counter()
     result: dict = {"round": rnd, "open_s": seal.open_s, "sealed_at": seal.sealed_at}
     if groups > 1:
@@ -181,7 +182,7 @@ def _aggregate(st: Store, job_id: str, rnd: int, seal: Seal, groups: int) -> dic
     else:
         final = _fold_nodes(st, job_id, rnd, seal, merge)
     result.update(nodes=final, merged=merge.count, t_merge=time.perf_counter() - t_merge,
-                  t_reference=merge.t_reference)
+                  t_reference=t_reference)
     error = quorum_error(rnd, final, cfg.nodes, cfg.effective_quorum)
     if error is not None:
         job.event("round_failed", round=rnd, error=error)

@@ -97,9 +97,9 @@ def quantize(
     step = np.asarray(step_size(lo_a, hi_a, bits))
     flat = step == 0
     # Divide by 1 where the range is degenerate; those entries are forced to code 0 below anyway.
-    t = np.array(xa, dtype=dtype)
-    np.clip(t, lo_a.astype(dtype), hi_a.astype(dtype), out=t)
-    t -= lo_a.astype(dtype)
+    t, lo_t = np.array(xa, dtype=dtype), lo_a.astype(dtype)
+    np.clip(t, lo_t, hi_a.astype(dtype), out=t)
+    t -= lo_t
     t /= np.where(flat, 1.0, step).astype(dtype)
     if dither_seed is not None:
         t += dither(dither_seed, xa.shape)

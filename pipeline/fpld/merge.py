@@ -39,7 +39,6 @@ class RoundMerge:
         else:
             self.teacher = RunningMean()
         self.full = RunningMean()  # --measure-teacher-kl: the float32 side channel, same nodes
-        self.t_reference = 0.0  # seconds the reference logits took, when the caller measured them
         self._lock = threading.Lock()
 
     @property
