@@ -136,7 +136,7 @@ def overheads(report: dict) -> dict[str, list[float]]:
 
 
 def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | None,
-                groups: list[str]) -> list[dict]:
+                groups: list[str], task_events: bool = False) -> list[dict]:
     domains = default_corpus(max_bytes_per_domain=400_000)  # 64 private shards of at least a few KB
     rows = []
     med = statistics.median
@@ -149,7 +149,8 @@ def lmteam_rows(nodes: list[int], kinds: list[str], rounds: int, model: Path | N
         # it runs two aggregator workers when any run has merge groups
         base = config("sparse-49k" if "sparse-49k" in kinds else kinds[0], k, rounds, model,
                       merge_groups=max(variants))
-        with local_fleet(base, prepare_data(base, domains), FleetSettings()) as fleet:
+        settings = FleetSettings(task_events=task_events)  # an embedded fleet's default is off
+        with local_fleet(base, prepare_data(base, domains), settings) as fleet:
             st = Store.from_url(fleet.settings.backend_url)
             t_up = time.time()
             fleet.wait_ready(st.r, timeout=900)
@@ -257,6 +258,8 @@ def main() -> None:
     ap.add_argument("--merge-groups", nargs="+", default=["1", "sqrt"],
                     help="lmteam's merges per K, a row each: 1 (one aggregator), sqrt (round(sqrt(K)) groups, from "
                          "16 nodes), auto (what the product picks with two aggregator workers) or a group count")
+    ap.add_argument("--task-events", action="store_true",
+                    help="workers send Celery task events, as for a watching Flower (off by default in an embedded fleet)")
     ap.add_argument("--no-flower", action="store_true", help="lmteam rows only")
     ap.add_argument("--no-deployment", action="store_true", help="Flower's simulation engine only")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet_scale.json")
@@ -265,7 +268,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
         model = wide_vocab_model(Path(tmp)) if "sparse-49k" in args.payloads else None
         merge_cost = merge_cost_rows(args.payloads)
-        rows = lmteam_rows(args.nodes, args.payloads, args.rounds, model, args.merge_groups)
+        rows = lmteam_rows(args.nodes, args.payloads, args.rounds, model, args.merge_groups, args.task_events)
     if not args.no_flower:
         from bench.flower_baseline import flower_rows
 
